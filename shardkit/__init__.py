@@ -1,0 +1,47 @@
+"""shardkit: inspect, reshard, convert, validate and load large PyTorch checkpoints.
+
+``import shardkit`` is cheap and never imports torch: public names are resolved on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "open_checkpoint": "shardkit.reader",
+    "read_index": "shardkit.reader",
+    "open_file": "shardkit.formats",
+    "Checkpoint": "shardkit.table",
+    "TensorEntry": "shardkit.table",
+    "FileInfo": "shardkit.table",
+    "IndexInfo": "shardkit.table",
+    "Storage": "shardkit.table",
+    "summarize": "shardkit.summary",
+    "load_tensor": "shardkit.tensors",
+    "parse_size": "shardkit.sizes",
+    "ShardkitError": "shardkit.errors",
+    "CheckpointError": "shardkit.errors",
+    "NotACheckpointError": "shardkit.errors",
+    "UnsafePickleError": "shardkit.errors",
+    "UnsafePathError": "shardkit.errors",
+    "UsageError": "shardkit.errors",
+    "OutputError": "shardkit.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,67 @@
+"""The ``shardkit`` command: a thin Click shell over the library.
+
+Subcommands live in their own modules and are imported only when invoked, so ``shardkit --help`` stays fast and
+commands on the byte path never import torch. Every :class:`~shardkit.errors.ShardkitError` becomes one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import ShardkitError
+
+#: name -> (module, attribute, one-line help). Add a command here and in its own module.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "inspect": ("shardkit.cli.inspect", "inspect_command", "Show what a checkpoint holds: tensors, dtypes, files, aliases."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing help must not import every command module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][2]) for name in sorted(COMMANDS)])
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ShardkitError as exc:
+            click.echo(f"shardkit: error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("shardkit: interrupted; nothing was left half-written", err=True)
+            ctx.exit(130)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"shardkit: error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="shardkit", prog_name="shardkit")
+def main() -> None:
+    """Inspect, reshard, convert, validate and load large PyTorch checkpoints.
+
+    The byte path (inspect, split, convert, validate) reads headers and copies byte ranges; it never imports torch.
+    """
+
+
+def emit_json(data: object) -> None:
+    """Print ``data`` as indented JSON (orjson) on stdout."""
+    import orjson
+
+    sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n")
+    sys.stdout.flush()

@@ -1,0 +1,79 @@
+"""``shardkit inspect PATH``."""
+
+from __future__ import annotations
+
+import click
+
+from ..reader import open_checkpoint
+from ..sizes import format_size
+from ..summary import summarize
+from . import emit_json
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends in a folder.")
+@click.option("--tensors", "list_tensors", is_flag=True, help="Also list every tensor with dtype, shape and file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_command(path: str, variant: str | None, list_tensors: bool, as_json: bool) -> None:
+    """Show what the checkpoint at PATH holds, from its headers alone.
+
+    PATH is a .safetensors/.bin/.pt file, an *.index.json file, or a folder holding one.
+    """
+    checkpoint = open_checkpoint(path, variant=variant)
+    summary = summarize(checkpoint)
+    if list_tensors:
+        summary["tensor_list"] = [
+            {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "file": e.file, "alias_of": e.alias_of}
+            for e in checkpoint
+        ]
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(render(summary))
+
+
+def render(summary: dict) -> str:
+    """The human form of :func:`shardkit.summary.summarize`'s result: aligned, one fact per line."""
+    lines = []
+    largest = summary["largest"]
+    rows = [
+        ("source", summary["source"]),
+        ("format", summary["format"] + (" (sharded, " + summary["index"] + ")" if summary["sharded"] else "")),
+        ("tensors", f"{summary['tensors']:,}"),
+        ("parameters", f"{summary['params']:,}"),
+        ("size", f"{format_size(summary['bytes'])} ({summary['bytes']:,} bytes)"),
+        ("largest", f"{largest['name']}  {largest['dtype']} {largest['shape']}  {format_size(largest['bytes'])}" if largest else "-"),
+        ("aliases", str(len(summary["aliases"]))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines += [f"{key:<{width}}  {value}" for key, value in rows]
+
+    lines.append("")
+    lines.append("dtypes")
+    for dtype, row in summary["dtypes"].items():
+        lines.append(f"  {dtype:<8} {row['tensors']:>7,} tensors  {format_size(row['bytes']):>10}  {row['share']:>6.1%}")
+
+    lines.append("")
+    lines.append(f"files ({len(summary['files'])})")
+    name_width = max((len(f["path"]) for f in summary["files"]), default=0)
+    for info in summary["files"]:
+        lines.append(f"  {info['path']:<{name_width}}  {format_size(info['size']):>10}  {info['tensors']:>6,} tensors  {info['format']}")
+
+    if summary["aliases"]:
+        lines.append("")
+        lines.append("aliases (share bytes with)")
+        for alias, target in summary["aliases"].items():
+            lines.append(f"  {alias} -> {target}")
+    if summary["skipped"]:
+        lines.append("")
+        lines.append("non-tensor entries (ignored)")
+        for name, what in summary["skipped"].items():
+            lines.append(f"  {name}: {what}")
+    if "tensor_list" in summary:
+        lines.append("")
+        lines.append("tensors")
+        for row in summary["tensor_list"]:
+            alias = f"  = {row['alias_of']}" if row["alias_of"] else ""
+            lines.append(f"  {row['name']}  {row['dtype']} {row['shape']}{alias}")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""The Hub's file-naming conventions, in one place.
+
+``model.safetensors`` / ``pytorch_model.bin`` for one file; ``model-00001-of-00004.safetensors`` for shards
+(1-based, five digits); ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json`` for the index. A
+variant goes before the last dot: ``model.fp16.safetensors``, ``model.fp16-00001-of-00002.safetensors``,
+``model.safetensors.index.fp16.json``.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Output format -> (file stem, suffix).
+FORMATS = {"safetensors": ("model", ".safetensors"), "bin": ("pytorch_model", ".bin")}
+
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})(?P<suffix>\.[A-Za-z0-9]+)$")
+INDEX_RE = re.compile(r"^(?P<base>.+\.(?:safetensors|bin))\.index(?:\.(?P<variant>[^.]+))?\.json$")
+
+
+def _stem(fmt: str, variant: str | None) -> tuple[str, str]:
+    stem, suffix = FORMATS[fmt]
+    return (f"{stem}.{variant}" if variant else stem), suffix
+
+
+def single_file_name(fmt: str = "safetensors", variant: str | None = None) -> str:
+    """``model.safetensors``, ``pytorch_model.bin``, ``model.fp16.safetensors``…"""
+    stem, suffix = _stem(fmt, variant)
+    return stem + suffix
+
+
+def shard_file_name(index: int, total: int, fmt: str = "safetensors", variant: str | None = None) -> str:
+    """``model-00002-of-00004.safetensors`` for ``index=2, total=4`` (1-based)."""
+    stem, suffix = _stem(fmt, variant)
+    return f"{stem}-{index:05d}-of-{total:05d}{suffix}"
+
+
+def index_file_name(fmt: str = "safetensors", variant: str | None = None) -> str:
+    """``model.safetensors.index.json``, ``pytorch_model.bin.index.fp16.json``…"""
+    stem, suffix = FORMATS[fmt]
+    return f"{stem}{suffix}.index.{variant}.json" if variant else f"{stem}{suffix}.index.json"
+
+
+def parse_shard_name(name: str) -> tuple[str, int, int, str] | None:
+    """``(stem, index, total, suffix)`` of a shard file name, or None if it isn't one."""
+    match = SHARD_RE.match(name)
+    if match is None:
+        return None
+    return match["stem"], int(match["index"]), int(match["total"]), match["suffix"]
+
+
+def format_of_name(name: str) -> str | None:
+    """``safetensors`` or ``bin`` as a file name (shard, single file or index) suggests, else None."""
+    if name.endswith(".json"):
+        match = INDEX_RE.match(name)
+        name = match["base"] if match else name
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith((".bin", ".pt", ".pth")):
+        return "bin"
+    return None

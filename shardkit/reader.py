@@ -1,0 +1,202 @@
+"""Open any checkpoint layout as one :class:`~shardkit.table.Checkpoint`, reading headers only.
+
+Accepted: a single ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file, an ``*.index*.json`` file, a folder
+holding either, and a local Hugging Face cache (a ``models--org--name`` folder or one of its snapshots).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import orjson
+
+from .errors import CheckpointError, UnsafePathError
+from .formats import open_file
+from .naming import INDEX_RE, format_of_name, index_file_name, single_file_name
+from .table import Checkpoint, IndexInfo, TensorEntry
+
+#: Index files hold names and file names only; a real one is far below this.
+MAX_INDEX_SIZE = 256 * 1024 * 1024
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+#: Metadata keys writers put in headers and indexes that are never alias records.
+_RESERVED_METADATA = frozenset({"format", "total_size", "total_parameters"})
+
+
+def open_checkpoint(path: str | os.PathLike, *, variant: str | None = None, revision: str = "main") -> Checkpoint:
+    """Read the table of a checkpoint at ``path`` (file, index, folder or Hugging Face cache folder).
+
+    ``variant`` picks ``model.<variant>.safetensors`` and friends in a folder; ``revision`` picks the snapshot of
+    a ``models--org--name`` cache folder. Raises :class:`~shardkit.errors.CheckpointError` (a subclass for
+    unsafe paths and non-checkpoints) naming the file and the problem.
+    """
+    source = os.fspath(path)
+    target = Path(source)
+    if not target.exists():
+        raise CheckpointError(source, "no such file or folder", code="missing-file")
+    if target.is_dir():
+        target = _resolve_folder(_resolve_cache_repo(target, revision), variant)
+    if target.name.endswith(".json"):
+        return _open_index(source, target)
+    info, entries = open_file(str(target))
+    checkpoint = Checkpoint(source=source, format=info.format, entries={}, files=[info], root=str(target.parent))
+    _add_entries(checkpoint, entries)
+    _add_declared_aliases(checkpoint, info.metadata or {})
+    return checkpoint
+
+
+def read_index(path: str | os.PathLike) -> IndexInfo:
+    """Parse an ``*.index.json``: ``{"metadata": {...}, "weight_map": {tensor: file}}`` (or accelerate's flat map)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_INDEX_SIZE:
+            raise CheckpointError(path, f"index is {size} bytes, over the {MAX_INDEX_SIZE}-byte limit", code="index-invalid")
+        with open(path, "rb") as handle:
+            data = orjson.loads(handle.read())
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such index file", code="missing-file") from None
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(path, f"index is not valid JSON ({exc})", code="index-invalid") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror})", code="unreadable") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "index is not a JSON object", code="index-invalid")
+    weight_map = data.get("weight_map")
+    metadata = data.get("metadata") or {}
+    if weight_map is None and data and all(isinstance(v, str) for v in data.values()):
+        weight_map, metadata = data, {}  # accelerate's flat {param: file} form
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(path, "index has no weight_map of tensor names to file names", code="index-invalid")
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, "index metadata is not an object", code="index-invalid")
+    return IndexInfo(path=path, metadata=metadata, weight_map=weight_map)
+
+
+def resolve_in_folder(folder: Path, name: str, *, index_path: str) -> Path:
+    """The file ``name`` (from an index) inside ``folder``; refuses names that could leave the folder.
+
+    Absolute paths, drive letters and ``..`` are refused however they are spelled (Windows or POSIX). A symlink
+    may only lead outside the folder into the blob store of the Hugging Face cache the folder belongs to.
+    """
+    windows, posix = PureWindowsPath(name), PurePosixPath(name)
+    if not name or windows.is_absolute() or windows.drive or posix.is_absolute() or ".." in windows.parts or ".." in posix.parts:
+        raise UnsafePathError(index_path, f"weight_map names {name!r}, which points outside the checkpoint folder")
+    candidate = folder / name
+    real, allowed = os.path.realpath(candidate), _allowed_roots(folder)
+    if not any(real == root or real.startswith(root + os.sep) for root in allowed):
+        raise UnsafePathError(index_path, f"{name!r} is a symlink to {real}, outside the checkpoint folder")
+    return candidate
+
+
+def _allowed_roots(folder: Path) -> list[str]:
+    roots = [os.path.realpath(folder)]
+    # HF cache: <repo>/snapshots/<revision>/file -> ../../blobs/<hash>
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        roots.append(os.path.realpath(folder.parent.parent / "blobs"))
+    return roots
+
+
+def _resolve_cache_repo(folder: Path, revision: str) -> Path:
+    """A ``models--org--name`` cache folder -> its snapshot folder for ``revision`` (a branch, tag or commit)."""
+    snapshots = folder / "snapshots"
+    if not folder.name.startswith(("models--", "datasets--", "spaces--")) or not snapshots.is_dir():
+        return folder
+    ref = folder / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = snapshots / commit
+    if not snapshot.is_dir():
+        raise CheckpointError(str(folder), f"cache holds no snapshot for revision {revision!r}", code="missing-file")
+    return snapshot
+
+
+def _resolve_folder(folder: Path, variant: str | None) -> Path:
+    """The file or index that holds a folder's checkpoint, in transformers' order of preference."""
+    preferred = [
+        single_file_name("safetensors", variant),
+        index_file_name("safetensors", variant),
+        single_file_name("bin", variant),
+        index_file_name("bin", variant),
+    ]
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    indexes = [n for n in names if INDEX_RE.match(n) and (variant is None or INDEX_RE.match(n)["variant"] == variant)]
+    singles = [n for n in names if n.endswith(CHECKPOINT_SUFFIXES) and (variant is None or f".{variant}." in n)]
+    for group in (indexes, singles):
+        if len(group) == 1:
+            return folder / group[0]
+        if len(group) > 1:
+            raise CheckpointError(
+                str(folder), f"holds several checkpoints ({', '.join(group[:4])}); pass the file or index to use", code="ambiguous"
+            )
+    what = f" for variant {variant!r}" if variant else ""
+    raise CheckpointError(str(folder), f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
+
+
+def _open_index(source: str, index_path: Path) -> Checkpoint:
+    index = read_index(index_path)
+    folder = index_path.parent
+    files_by_name = {name: resolve_in_folder(folder, name, index_path=str(index_path)) for name in sorted(set(index.weight_map.values()))}
+    formats = {format_of_name(name) for name in files_by_name}
+    checkpoint = Checkpoint(source=source, format="", entries={}, files=[], root=str(folder), index=index)
+    for name, file_path in files_by_name.items():
+        if not file_path.exists():
+            raise CheckpointError(str(index_path), f"names {name!r}, which is missing from {folder}", code="missing-shard")
+        info, entries = open_file(str(file_path))
+        checkpoint.files.append(info)
+        _add_entries(checkpoint, entries, index_path=str(index_path))
+    checkpoint.format = checkpoint.files[0].format if len({f.format for f in checkpoint.files}) == 1 else "mixed"
+    if len(formats) > 1:
+        checkpoint.format = "mixed"
+
+    # Aliases declared by writers that drop shared tensors: huggingface_hub in the index metadata, the
+    # safetensors conversion script in each shard's __metadata__ (while still listing the name in weight_map).
+    _add_declared_aliases(checkpoint, index.metadata)
+    for info in checkpoint.files:
+        _add_declared_aliases(checkpoint, info.metadata or {})
+    for name, file_name in index.weight_map.items():
+        entry = checkpoint.entries.get(name)
+        if entry is None:
+            raise CheckpointError(
+                str(index_path), f"maps {name!r} to {file_name!r}, but that file holds no such tensor", code="index-key-missing"
+            )
+    return checkpoint
+
+
+def _add_entries(checkpoint: Checkpoint, entries: list[TensorEntry], *, index_path: str | None = None) -> None:
+    for entry in entries:
+        previous = checkpoint.entries.get(entry.name)
+        if previous is not None:
+            raise CheckpointError(
+                index_path or entry.file,
+                f"tensor {entry.name!r} is stored in both {os.path.basename(previous.file)} and {os.path.basename(entry.file)}",
+                code="duplicate-tensor",
+            )
+        checkpoint.entries[entry.name] = entry
+
+
+def _add_declared_aliases(checkpoint: Checkpoint, metadata: dict) -> None:
+    """Add ``{dropped_name: kept_name}`` records from metadata as alias entries of the kept tensor."""
+    for alias, kept in metadata.items():
+        if alias in _RESERVED_METADATA or not isinstance(kept, str) or alias in checkpoint.entries:
+            continue
+        target = checkpoint.entries.get(kept)
+        if target is None:
+            continue
+        target = checkpoint.entries.get(target.alias_of, target) if target.alias_of else target
+        checkpoint.entries[alias] = TensorEntry(
+            name=alias,
+            dtype=target.dtype,
+            shape=target.shape,
+            nbytes=target.nbytes,
+            file=target.file,
+            offset=target.offset,
+            storage=target.storage,
+            storage_offset=target.storage_offset,
+            stride=target.stride,
+            alias_of=target.name,
+        )

@@ -1,0 +1,56 @@
+"""Materialize table entries as torch tensors: the only place the byte path meets torch.
+
+Contiguous entries are read straight from their byte range; non-contiguous views are rebuilt over their
+storage's bytes with ``as_strided``; legacy torch files come from :func:`shardkit.formats.legacy.load_legacy`.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from .dtypes import torch_dtype
+from .errors import CheckpointError
+from .formats.legacy import load_legacy
+from .table import TensorEntry
+
+
+def read_exact(handle: BinaryIO, offset: int, size: int, path: str) -> bytearray:
+    """``size`` bytes at ``offset``; a short read means the file changed or was truncated since it was opened."""
+    buffer = bytearray(size)
+    handle.seek(offset)
+    view, done = memoryview(buffer), 0
+    while done < size:
+        count = handle.readinto(view[done:])
+        if not count:
+            raise CheckpointError(path, f"file ends at byte {offset + done}, {size - done} bytes short of the data it declares (truncated since opened?)", code="short-read")
+        done += count
+    return buffer
+
+
+def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None):
+    """The tensor ``entry`` describes, on the CPU, in its stored dtype, owning its memory.
+
+    ``handle`` may be an open binary handle of ``entry.file`` to avoid reopening it per tensor.
+    """
+    import torch
+
+    if entry.offset is None and entry.storage is None:
+        tensor = load_legacy(entry.file)[entry.name]
+        return tensor.clone() if not tensor.is_contiguous() else tensor
+    dtype = torch_dtype(entry.dtype)
+    own = handle is None
+    if own:
+        handle = open(entry.file, "rb")
+    try:
+        if entry.offset is not None:
+            if entry.nbytes == 0:
+                return torch.empty(entry.shape, dtype=dtype)
+            raw = read_exact(handle, entry.offset, entry.nbytes, entry.file)
+            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry.shape)
+        storage = entry.storage
+        raw = read_exact(handle, storage.offset, storage.nbytes, entry.file)
+        flat = torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
+        return flat.as_strided(entry.shape, entry.stride, entry.storage_offset).contiguous()
+    finally:
+        if own:
+            handle.close()
