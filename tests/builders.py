@@ -63,7 +63,8 @@ def save_sharded(state: dict, folder: str | os.PathLike, max_shard_size: int | s
     """Shard with huggingface_hub's own writer, the layout the Hub expects."""
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict(state, str(folder), max_shard_size=max_shard_size, safe_serialization=safe)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(dict(state), str(folder), max_shard_size=max_shard_size, safe_serialization=safe)
     return Path(folder)
 
 
