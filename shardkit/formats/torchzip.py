@@ -45,7 +45,7 @@ def zip_records(path: str, handle: BinaryIO) -> dict[str, Record]:
     try:
         archive = zipfile.ZipFile(handle)
         infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # zipfile raises many types on a malformed directory (BadZipFile, NotImplementedError, struct.error…)
         raise CheckpointError(path, f"not a readable zip archive ({exc}); truncated download?", code="zip-corrupt") from None
     records = {}
     for info in infos:
