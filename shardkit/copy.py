@@ -1,0 +1,105 @@
+"""Move byte ranges between files without holding them: ``copy_file_range``, else ``sendfile``, else a buffer.
+
+Every function works on raw file descriptors at explicit offsets (``pread``/``pwrite`` semantics), so callers
+never depend on a file position. Memory used is at most one :data:`BUFFER_SIZE` buffer.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import zlib
+
+from .errors import CheckpointError
+
+#: The one buffer used when bytes must pass through user space (fallback copies, CRC, verification).
+BUFFER_SIZE = 8 * 1024 * 1024
+
+#: errno values meaning "this kernel/filesystem pair can't do that call": fall back to the next method.
+_UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.ESPIPE}
+
+_methods = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
+
+
+def _short(path: str, offset: int, missing: int) -> CheckpointError:
+    return CheckpointError(
+        path, f"file ends at byte {offset}, {missing} bytes short of the data it declares (truncated since opened?)", code="short-read"
+    )
+
+
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str) -> None:
+    """Copy ``count`` bytes from ``src`` at ``src_offset`` to ``dst`` at ``dst_offset``.
+
+    Tries ``os.copy_file_range`` (in-kernel, may share extents), then ``os.sendfile``, then a buffered copy.
+    Raises :class:`CheckpointError` (``short-read``) if the source ends early; write errors (``ENOSPC``,
+    ``EFBIG``) propagate as :class:`OSError`.
+    """
+    done = 0
+    if _methods["copy_file_range"]:
+        try:
+            while done < count:
+                moved = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
+                if moved == 0:
+                    raise _short(src_path, src_offset + done, count - done)
+                done += moved
+            return
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            _methods["copy_file_range"] = False
+    if _methods["sendfile"]:
+        try:
+            os.lseek(dst, dst_offset + done, os.SEEK_SET)
+            while done < count:
+                moved = os.sendfile(dst, src, src_offset + done, count - done)
+                if moved == 0:
+                    raise _short(src_path, src_offset + done, count - done)
+                done += moved
+            return
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            _methods["sendfile"] = False
+    copy_buffered(src, src_offset + done, dst, dst_offset + done, count - done, src_path)
+
+
+def copy_buffered(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str, crc: int | None = None) -> int | None:
+    """Copy through one user-space buffer; with ``crc`` given, return the CRC-32 of the bytes continued from it."""
+    buffer = bytearray(min(BUFFER_SIZE, count) or 1)
+    view = memoryview(buffer)
+    done = 0
+    while done < count:
+        want = min(len(buffer), count - done)
+        got = os.preadv(src, [view[:want]], src_offset + done)
+        if got == 0:
+            raise _short(src_path, src_offset + done, count - done)
+        chunk = view[:got]
+        if crc is not None:
+            crc = zlib.crc32(chunk, crc)
+        write_all(dst, chunk, dst_offset + done)
+        done += got
+    return crc
+
+
+def write_all(dst: int, data, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset`` (a short write is retried, a failing one raises)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(dst, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def same_bytes(a: int, a_offset: int, b: int, b_offset: int, count: int, a_path: str, b_path: str) -> bool:
+    """Whether ``count`` bytes at ``a_offset`` in ``a`` equal those at ``b_offset`` in ``b`` (two bounded buffers)."""
+    size = min(BUFFER_SIZE, count) or 1
+    left, right = bytearray(size), bytearray(size)
+    done = 0
+    while done < count:
+        want = min(size, count - done)
+        for fd, buf, off, path in ((a, left, a_offset, a_path), (b, right, b_offset, b_path)):
+            if os.preadv(fd, [memoryview(buf)[:want]], off + done) != want:
+                raise _short(path, off + done, count - done)
+        if left[:want] != right[:want]:
+            return False
+        done += want
+    return True
