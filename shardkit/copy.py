@@ -90,16 +90,23 @@ def write_all(dst: int, data, offset: int) -> None:
 
 
 def same_bytes(a: int, a_offset: int, b: int, b_offset: int, count: int, a_path: str, b_path: str) -> bool:
-    """Whether ``count`` bytes at ``a_offset`` in ``a`` equal those at ``b_offset`` in ``b`` (two bounded buffers)."""
-    size = min(BUFFER_SIZE, count) or 1
-    left, right = bytearray(size), bytearray(size)
+    """Whether ``count`` bytes at ``a_offset`` in ``a`` equal those at ``b_offset`` in ``b`` (one chunk of each at a time)."""
     done = 0
     while done < count:
-        want = min(size, count - done)
-        for fd, buf, off, path in ((a, left, a_offset, a_path), (b, right, b_offset, b_path)):
-            if os.preadv(fd, [memoryview(buf)[:want]], off + done) != want:
-                raise _short(path, off + done, count - done)
-        if left[:want] != right[:want]:
+        want = min(BUFFER_SIZE, count - done)
+        left = _pread_exact(a, want, a_offset + done, a_path)
+        right = _pread_exact(b, want, b_offset + done, b_path)
+        if left != right:
             return False
         done += want
     return True
+
+
+def _pread_exact(fd: int, count: int, offset: int, path: str) -> bytes:
+    data = os.pread(fd, count, offset)
+    while len(data) < count:
+        more = os.pread(fd, count - len(data), offset + len(data))
+        if not more:
+            raise _short(path, offset + len(data), count - len(data))
+        data += more
+    return data
