@@ -2,6 +2,12 @@
 
 Every function works on raw file descriptors at explicit offsets (``pread``/``pwrite`` semantics), so callers
 never depend on a file position. Memory used is at most one :data:`BUFFER_SIZE` buffer.
+
+The kernel copies page by page: when source and destination offsets sit at different places within a page,
+every source page lands across two destination pages and an in-kernel copy (and the writeback after it) runs
+far slower than ``cp`` (measured 1.3-1.7x on ext4). Such ranges go through a small, cache-sized user-space
+buffer instead, which is as fast as ``cp``; ranges whose offsets agree modulo the page size use
+``copy_file_range``.
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ import zlib
 
 from .errors import CheckpointError
 
-#: The one buffer used when bytes must pass through user space (fallback copies, CRC, verification).
-BUFFER_SIZE = 8 * 1024 * 1024
+#: The one buffer used when bytes must pass through user space (fallback copies, CRC, verification). Small
+#: enough to stay in the CPU cache between the read and the write: larger buffers measured slower.
+BUFFER_SIZE = 2 * 1024 * 1024
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 #: errno values meaning "this kernel/filesystem pair can't do that call": fall back to the next method.
 _UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.ESPIPE}
@@ -30,11 +39,15 @@ def _short(path: str, offset: int, missing: int) -> CheckpointError:
 def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str) -> None:
     """Copy ``count`` bytes from ``src`` at ``src_offset`` to ``dst`` at ``dst_offset``.
 
-    Tries ``os.copy_file_range`` (in-kernel, may share extents), then ``os.sendfile``, then a buffered copy.
+    Tries ``os.copy_file_range`` (in-kernel, may share extents), then ``os.sendfile``, then a buffered copy;
+    offsets that disagree within a page go straight to the buffered copy (see the module docstring).
     Raises :class:`CheckpointError` (``short-read``) if the source ends early; write errors (``ENOSPC``,
     ``EFBIG``) propagate as :class:`OSError`.
     """
     done = 0
+    if (src_offset - dst_offset) % PAGE_SIZE and count > PAGE_SIZE:
+        copy_buffered(src, src_offset, dst, dst_offset, count, src_path)
+        return
     if _methods["copy_file_range"]:
         try:
             while done < count:
