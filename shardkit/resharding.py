@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .dtypes import parse_dtype
 from .errors import OutputError, UsageError
@@ -98,7 +99,7 @@ def write(checkpoint: Checkpoint, plan: Plan, dst, *, overwrite: bool = False, v
     refuse_inside(dst, checkpoint.source, [info.path for info in checkpoint.files])
     summary = _summary(checkpoint, plan, dst)
     if dry_run:
-        check_destination(_path(dst), overwrite)
+        check_destination(Path(dst), overwrite)
         summary.dry_run = True
         return summary
 
@@ -149,12 +150,6 @@ def _dtype(dtype: str | None) -> str | None:
     if parsed not in ("BF16", "F16", "F32", "F64"):
         raise UsageError(f"cannot cast to {dtype!r}: use one of bf16, fp16, fp32, fp64")
     return parsed
-
-
-def _path(dst: str):
-    from pathlib import Path
-
-    return Path(dst)
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -237,3 +237,21 @@ def test_source_never_modified(tmp_path):
     for fmt in ("safetensors", "bin"):
         shardkit.split(src, tmp_path / f"out-{fmt}", max_shard_size=500, format=fmt, verify=True)
     assert folder_digest(src) == before
+
+
+def test_legacy_source(tmp_path):
+    state = lm_state()
+    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    for fmt in ("safetensors", "bin"):
+        summary = shardkit.split(tmp_path / "old.pt", tmp_path / fmt, max_shard_size="1kB", format=fmt, verify=True)
+        assert summary.materialized == summary.tensors == 16
+        loaded = load_any(tmp_path / fmt)
+        assert_same_tensors({k: loaded[k] for k in loaded}, {k: v for k, v in state.items() if k in loaded})
+        assert len(loaded) == (16 if fmt == "safetensors" else 17)
+
+
+def test_empty_existing_destination_is_used(tmp_path):
+    save_bin(lm_state(), tmp_path / "src.bin")
+    (tmp_path / "out").mkdir()
+    shardkit.split(tmp_path / "src.bin", tmp_path / "out", max_shard_size="1kB")
+    assert len(os.listdir(tmp_path / "out")) == 6
