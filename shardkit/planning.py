@@ -25,11 +25,7 @@ BIN_DTYPES = frozenset(TORCH_NAMES)
 
 @dataclass(frozen=True, slots=True)
 class PlannedTensor:
-    """One tensor as it will be written: output ``dtype``/``nbytes`` and the ``source`` entry holding its bytes.
-
-    ``cast`` is set when the bytes cannot be copied as they are (dtype cast, non-contiguous view, legacy file):
-    the tensor is then materialized through torch, one at a time.
-    """
+    """One tensor as it will be written: output ``dtype``/``nbytes`` and the ``source`` entry holding its bytes."""
 
     name: str
     dtype: str
@@ -39,6 +35,8 @@ class PlannedTensor:
 
     @property
     def materialize(self) -> bool:
+        """Whether the bytes cannot be copied as they are (a cast, a non-contiguous view, a legacy file) and the
+        tensor must go through torch."""
         return self.source.offset is None or self.dtype != self.source.dtype
 
 
@@ -155,7 +153,11 @@ def plan_split(checkpoint: Checkpoint, max_shard_size: int, fmt: str = "safetens
 
 
 def plan_convert(checkpoint: Checkpoint, fmt: str = "safetensors", dtype: str | None = None) -> Plan:
-    """Keep ``checkpoint``'s file layout (tensor ``i`` stays in the ``i``-th file), renamed for ``fmt``."""
+    """Keep ``checkpoint``'s file layout: the ``i``-th source file becomes the ``i``-th output file, named for ``fmt``.
+
+    Shared tensors are handled as in :func:`plan_split`; a name declared as an alias in metadata goes to the file
+    holding its bytes.
+    """
     _check_format(fmt)
     stored = {e.name: output_tensor(e, fmt, dtype) for e in checkpoint.stored}
     owner = {e.name: e.alias_of or e.name for e in checkpoint}

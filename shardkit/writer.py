@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .copy import copy_buffered, copy_range, write_all
+from .errors import CheckpointError
 from .formats.safetensors import build_header
 from .formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
 from .planning import Plan, PlannedFile, PlannedTensor, safetensors_order
@@ -30,7 +31,10 @@ class Sources:
 
     def fd(self, path: str) -> int:
         if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CheckpointError(path, f"cannot be opened ({exc.strerror}); was it moved since it was read?", code="unreadable") from None
         return self._fds[path]
 
     def close(self) -> None:
