@@ -12,6 +12,8 @@ import torch
 from builders import save_bin, save_safetensors, tensor_bytes, tied_state_dict, varied_state_dict
 from cli_helpers import folder_digest, load_any, run_shardkit
 from huggingface_hub import save_torch_state_dict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import shardkit
@@ -255,3 +257,33 @@ def test_empty_existing_destination_is_used(tmp_path):
     (tmp_path / "out").mkdir()
     shardkit.split(tmp_path / "src.bin", tmp_path / "out", max_shard_size="1kB")
     assert len(os.listdir(tmp_path / "out")) == 6
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.uint8, torch.bool, torch.float64]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shapes=st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 9), max_size=3)), min_size=1, max_size=10),
+    ties=st.lists(st.integers(0, 9), max_size=3),
+    limit=st.integers(1, 600),
+    fmt=st.sampled_from(["safetensors", "bin"]),
+)
+def test_random_state_dicts_split_and_load_back(tmp_path_factory, shapes, ties, limit, fmt):
+    g = torch.Generator().manual_seed(len(shapes) * 1000 + limit)
+    state = {}
+    for i, (dtype, shape) in enumerate(shapes):
+        values = torch.randn(tuple(shape), generator=g) * 50
+        state[f"t{i:02d}"] = values > 0 if dtype == torch.bool else values.to(dtype)
+    for j, target in enumerate(ties):
+        state[f"tied{j}"] = state[f"t{target % len(shapes):02d}"]
+    folder = tmp_path_factory.mktemp("case")
+    save_bin(state, folder / "src.bin")
+    summary = shardkit.split(folder / "src.bin", folder / "out", max_shard_size=limit, format=fmt, verify=True)
+    loaded = load_any(folder / "out")
+    checkpoint = shardkit.open_checkpoint(folder / "out")
+    assert sorted(checkpoint.entries) == sorted(state)  # dropped names come back as aliases
+    for name, tensor in state.items():
+        kept = name if name in loaded else summary.dropped[name]
+        assert loaded[kept].dtype == tensor.dtype and tensor_bytes(loaded[kept]) == tensor_bytes(tensor), name
+    assert checkpoint.total_bytes == summary.total_size
