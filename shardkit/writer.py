@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-from .copy import copy_buffered, copy_range, write_all
+from .copy import Writeback, copy_buffered, copy_range, write_all
 from .errors import CheckpointError
 from .formats.safetensors import build_header
 from .formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
@@ -57,7 +57,10 @@ class WrittenFile:
 
 
 def write_plan(plan: Plan, folder: str, sources: Sources, progress: Progress = lambda n: None, after_file: Callable[[str], None] | None = None) -> list[WrittenFile]:
-    """Write every file of ``plan`` into ``folder`` (flushed to disk) and its index last; return what was written."""
+    """Write every file of ``plan`` into ``folder`` and its index last, all flushed to disk; return what was written.
+
+    Files are fsynced together at the end so that writing one overlaps the writeback of the previous ones.
+    """
     written = []
     for planned in plan.files:
         path = os.path.join(folder, planned.name)
@@ -77,10 +80,15 @@ def write_plan(plan: Plan, folder: str, sources: Sources, progress: Progress = l
         fd = _create(path)
         try:
             write_all(fd, data, 0)
-            os.fsync(fd)
         finally:
             os.close(fd)
         written.append(WrittenFile(plan.index_name, len(data), 0))
+    for item in written:
+        fd = os.open(os.path.join(folder, item.name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return written
 
 
@@ -94,10 +102,16 @@ def write_safetensors(path: str, planned: PlannedFile, metadata: dict | None, so
         position = len(header)
         run: list = []  # [source path, source start, source end, output start] of the pending merged copy
 
+        writeback = Writeback(fd)
+
         def flush() -> None:
-            if run and run[2] > run[1]:
-                copy_range(sources.fd(run[0]), run[1], fd, run[3], run[2] - run[1], run[0])
-                progress(run[2] - run[1])
+            if run:
+                src, start, stop, out = run
+                for piece in range(start, stop, Writeback.STEP):
+                    count = min(Writeback.STEP, stop - piece)
+                    copy_range(sources.fd(src), piece, fd, out + piece - start, count, src)
+                    writeback.advance(out + piece - start + count)
+                    progress(count)
             run.clear()
 
         for tensor in tensors:
@@ -105,6 +119,7 @@ def write_safetensors(path: str, planned: PlannedFile, metadata: dict | None, so
             if tensor.materialize:
                 flush()
                 _write_materialized(fd, position, tensor, sources)
+                writeback.advance(position + tensor.nbytes)
                 progress(tensor.nbytes)
             elif run and run[0] == source.file and run[2] == source.offset:
                 run[2] += tensor.nbytes
@@ -114,7 +129,6 @@ def write_safetensors(path: str, planned: PlannedFile, metadata: dict | None, so
             position += tensor.nbytes
         flush()
         os.ftruncate(fd, position)
-        os.fsync(fd)
         return position
     finally:
         os.close(fd)
@@ -133,20 +147,23 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
         archive.add(".format_version", b"1")
         archive.add(".storage_alignment", b"64")
         archive.add("byteorder", b"little")
+        writeback = Writeback(fd)
         for tensor in planned.tensors:
             offset = archive.begin(f"data/{keys[tensor.name]}", tensor.nbytes)
             if tensor.materialize:
                 crc = _write_materialized(fd, offset, tensor, sources)
-            else:
-                source = tensor.source
-                crc = copy_buffered(sources.fd(source.file), source.offset, fd, offset, tensor.nbytes, source.file, crc=0)
+            else:  # through the buffer: the zip needs each record's CRC-32
+                source, crc = tensor.source, 0
+                for piece in range(0, tensor.nbytes, Writeback.STEP):
+                    count = min(Writeback.STEP, tensor.nbytes - piece)
+                    crc = copy_buffered(sources.fd(source.file), source.offset + piece, fd, offset + piece, count, source.file, crc=crc)
+                    writeback.advance(offset + piece + count)
             archive.end(crc)
             progress(tensor.nbytes)
         archive.add("version", b"3\n")
         archive.add(".data/serialization_id", _serialization_id(planned))
         size = archive.close()
         os.ftruncate(fd, size)
-        os.fsync(fd)
         return size
     finally:
         os.close(fd)
