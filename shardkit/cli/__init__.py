@@ -17,6 +17,8 @@ from ..errors import ShardkitError
 #: name -> (module, attribute, one-line help). Add a command here and in its own module.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("shardkit.cli.inspect", "inspect_command", "Show what a checkpoint holds: tensors, dtypes, files, aliases."),
+    "split": ("shardkit.cli.split", "split_command", "Reshard a checkpoint into Hub-style shards, copying byte ranges."),
+    "convert": ("shardkit.cli.convert", "convert_command", "Convert .bin checkpoints to safetensors (or back), keeping the layout."),
 }
 
 

@@ -1,0 +1,173 @@
+"""The library face of ``shardkit split`` and ``shardkit convert``: plan, write into staging, verify, publish.
+
+:func:`split` and :func:`convert` take a path; :func:`run_split` and :func:`run_convert` take an already opened
+:class:`~shardkit.table.Checkpoint` (from a local folder or the Hub alike). All return a :class:`WriteSummary`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .dtypes import parse_dtype
+from .errors import OutputError, UsageError
+from .planning import Plan, plan_convert, plan_split
+from .reader import open_checkpoint
+from .sizes import parse_size
+from .staging import Staging, check_destination, refuse_inside
+from .table import Checkpoint
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+#: Test hook: seconds to sleep after each finished output file, so tests can kill a run mid-write.
+_STALL_ENV = "SHARDKIT_TEST_STALL_AFTER_FILE"
+
+
+@dataclass
+class WriteSummary:
+    """What a split or convert wrote (or, with ``dry_run``, would write)."""
+
+    source: str
+    destination: str
+    format: str
+    files: list[dict] = field(default_factory=list)  # {"name", "size", "tensors"} per checkpoint file, in order
+    index: str | None = None
+    tensors: int = 0  # stored tensors
+    names: int = 0  # names in the output, dropped aliases excluded
+    total_size: int = 0  # tensor bytes: the index's metadata.total_size
+    dropped: dict[str, str] = field(default_factory=dict)  # aliases recorded in metadata, not stored
+    materialized: int = 0  # tensors that went through torch (casts, views, legacy files)
+    verified: bool = False
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split(src, dst, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, format: str = "safetensors", dtype: str | None = None,
+          overwrite: bool = False, verify: bool = False, dry_run: bool = False, progress: bool = False,
+          variant: str | None = None) -> WriteSummary:
+    """Reshard the checkpoint at ``src`` into ``dst`` with shards of at most ``max_shard_size`` (see :func:`run_split`)."""
+    return run_split(open_checkpoint(src, variant=variant), dst, max_shard_size=max_shard_size, format=format, dtype=dtype,
+                     overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
+
+
+def convert(src, dst, *, max_shard_size: int | str | None = None, format: str = "safetensors", dtype: str | None = None,
+            overwrite: bool = False, verify: bool = False, dry_run: bool = False, progress: bool = False,
+            variant: str | None = None) -> WriteSummary:
+    """Convert the checkpoint at ``src`` (typically ``.bin``) to ``format`` in ``dst`` (see :func:`run_convert`)."""
+    return run_convert(open_checkpoint(src, variant=variant), dst, max_shard_size=max_shard_size, format=format, dtype=dtype,
+                       overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
+
+
+def run_split(checkpoint: Checkpoint, dst, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, format: str = "safetensors",
+              dtype: str | None = None, **options) -> WriteSummary:
+    """Repack ``checkpoint`` into ``dst`` the way huggingface_hub shards (next-fit in key order).
+
+    ``dtype`` casts floating tensors (``bf16``, ``fp16``, ``fp32``…). ``options``: ``overwrite``, ``verify``,
+    ``dry_run``, ``progress`` (see :func:`write`).
+    """
+    plan = plan_split(checkpoint, parse_size(max_shard_size), format, _dtype(dtype))
+    return write(checkpoint, plan, dst, **options)
+
+
+def run_convert(checkpoint: Checkpoint, dst, *, max_shard_size: int | str | None = None, format: str = "safetensors",
+                dtype: str | None = None, **options) -> WriteSummary:
+    """Rewrite ``checkpoint`` in ``format`` keeping its file layout, or repacked when ``max_shard_size`` is given."""
+    if max_shard_size is not None:
+        return run_split(checkpoint, dst, max_shard_size=max_shard_size, format=format, dtype=dtype, **options)
+    return write(checkpoint, plan_convert(checkpoint, format, _dtype(dtype)), dst, **options)
+
+
+def write(checkpoint: Checkpoint, plan: Plan, dst, *, overwrite: bool = False, verify: bool = False, dry_run: bool = False,
+          progress: bool = False) -> WriteSummary:
+    """Carry out ``plan`` into the folder ``dst``, atomically.
+
+    Files are written into a temporary folder beside ``dst`` and fsynced; with ``verify`` every tensor is read back
+    and compared with its source; then the folder is published (index last). On any error nothing is left at
+    ``dst`` and :class:`~shardkit.errors.ShardkitError` is raised (``OutputError`` for write failures).
+    ``dry_run`` checks the destination and returns the plan's summary without writing.
+    """
+    if not plan.files:
+        raise UsageError(f"{checkpoint.source}: holds no tensors; nothing to write")
+    dst = os.path.abspath(os.fspath(dst))
+    refuse_inside(dst, checkpoint.source, [info.path for info in checkpoint.files])
+    summary = _summary(checkpoint, plan, dst)
+    if dry_run:
+        check_destination(Path(dst), overwrite)
+        summary.dry_run = True
+        return summary
+
+    from .verify import verify_plan
+    from .writer import Sources, write_plan
+
+    started = time.perf_counter()
+    bar = _progress_bar(plan.total_size * (2 if verify else 1), progress)
+    try:
+        with Staging(dst, overwrite=overwrite) as staging, Sources() as sources:
+            folder = str(staging.folder)
+            written = write_plan(plan, folder, sources, bar.update if bar else lambda n: None, after_file=_stall_hook())
+            if verify:
+                verify_plan(plan, folder, sources, bar.update if bar else lambda n: None)
+            staging.commit([f.name for f in plan.files], plan.index_name)
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else exc.strerror or str(exc)
+        raise OutputError(f"{dst}: cannot write the output ({reason}); nothing was written", code="write-failed") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.files = [{"name": w.name, "size": w.size, "tensors": w.tensors} for w in written if w.name != plan.index_name]
+    summary.verified = verify
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _summary(checkpoint: Checkpoint, plan: Plan, dst: str) -> WriteSummary:
+    files = [{"name": f.name, "size": f.nbytes, "tensors": len(f.tensors)} for f in plan.files]
+    return WriteSummary(
+        source=checkpoint.source,
+        destination=dst,
+        format=plan.format,
+        files=files,
+        index=plan.index_name,
+        tensors=sum(len(f.tensors) for f in plan.files),
+        names=len(plan.weight_map),
+        total_size=plan.total_size,
+        dropped=dict(plan.dropped),
+        materialized=sum(t.materialize for f in plan.files for t in f.tensors),
+    )
+
+
+def _dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    parsed = parse_dtype(dtype)
+    if parsed not in ("BF16", "F16", "F32", "F64"):
+        raise UsageError(f"cannot cast to {dtype!r}: use one of bf16, fp16, fp32, fp64")
+    return parsed
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _stall_hook():
+    seconds = os.environ.get(_STALL_ENV)
+    if not seconds:
+        return None
+
+    def stall(path: str) -> None:
+        sys.stderr.write(f"shardkit: wrote {path}\n")
+        sys.stderr.flush()
+        time.sleep(float(seconds))
+
+    return stall

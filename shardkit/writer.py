@@ -1,0 +1,216 @@
+"""Write the files of a :class:`~shardkit.planning.Plan`: byte ranges copied, only the unavoidable materialized.
+
+A tensor whose source bytes are one contiguous run in the output dtype is copied file-to-file
+(:func:`shardkit.copy.copy_range`), and runs that are adjacent in both source and output are merged into one
+call. Everything else (dtype casts, non-contiguous views, legacy files) is materialized through torch one
+tensor at a time, so peak memory is one copy buffer plus the largest such tensor (twice, across a cast).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+from .copy import Writeback, copy_buffered, copy_range, write_all
+from .errors import CheckpointError
+from .formats.safetensors import build_header
+from .formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
+from .planning import Plan, PlannedFile, PlannedTensor, safetensors_order
+
+Progress = Callable[[int], None]
+
+
+class Sources:
+    """Read-only descriptors of the source files, opened once and shared by every output file."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CheckpointError(path, f"cannot be opened ({exc.strerror}); was it moved since it was read?", code="unreadable") from None
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenFile:
+    name: str
+    size: int
+    tensors: int
+
+
+def write_plan(plan: Plan, folder: str, sources: Sources, progress: Progress = lambda n: None, after_file: Callable[[str], None] | None = None) -> list[WrittenFile]:
+    """Write every file of ``plan`` into ``folder`` and its index last, all flushed to disk; return what was written.
+
+    Files are fsynced together at the end so that writing one overlaps the writeback of the previous ones.
+    """
+    written = []
+    for planned in plan.files:
+        path = os.path.join(folder, planned.name)
+        if plan.format == "safetensors":
+            size = write_safetensors(path, planned, plan.file_metadata(), sources, progress)
+        else:
+            size = write_bin(path, planned, sources, progress)
+        written.append(WrittenFile(planned.name, size, len(planned.tensors)))
+        if after_file is not None:
+            after_file(path)
+    if plan.index is not None:
+        import json
+
+        # huggingface_hub's exact bytes: json.dump(index, indent=2), no trailing newline.
+        data = json.dumps(plan.index, indent=2).encode("utf-8")
+        path = os.path.join(folder, plan.index_name)
+        fd = _create(path)
+        try:
+            write_all(fd, data, 0)
+        finally:
+            os.close(fd)
+        written.append(WrittenFile(plan.index_name, len(data), 0))
+    for item in written:
+        fd = os.open(os.path.join(folder, item.name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return written
+
+
+def write_safetensors(path: str, planned: PlannedFile, metadata: dict | None, sources: Sources, progress: Progress) -> int:
+    """One ``.safetensors`` file laid out like the reference writer (dtype rank, then name); returns its size."""
+    tensors = safetensors_order(planned.tensors)
+    header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata)
+    fd = _create(path)
+    try:
+        write_all(fd, header, 0)
+        position = len(header)
+        run: list = []  # [source path, source start, source end, output start] of the pending merged copy
+
+        writeback = Writeback(fd)
+
+        def flush() -> None:
+            if run:
+                src, start, stop, out = run
+                for piece in range(start, stop, Writeback.STEP):
+                    count = min(Writeback.STEP, stop - piece)
+                    copy_range(sources.fd(src), piece, fd, out + piece - start, count, src)
+                    writeback.advance(out + piece - start + count)
+                    progress(count)
+            run.clear()
+
+        for tensor in tensors:
+            source = tensor.source
+            if tensor.materialize:
+                flush()
+                _write_materialized(fd, position, tensor, sources)
+                writeback.advance(position + tensor.nbytes)
+                progress(tensor.nbytes)
+            elif run and run[0] == source.file and run[2] == source.offset:
+                run[2] += tensor.nbytes
+            else:
+                flush()
+                run[:] = [source.file, source.offset, source.offset + tensor.nbytes, position]
+            position += tensor.nbytes
+        flush()
+        os.ftruncate(fd, position)
+        return position
+    finally:
+        os.close(fd)
+
+
+def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progress) -> int:
+    """One torch zip holding ``planned`` as an ``OrderedDict``; aliases share their tensor. Returns its size."""
+    keys = {t.name: str(i) for i, t in enumerate(planned.tensors)}
+    by_name = {t.name: t for t in planned.tensors}
+    pickled = {name: PickledTensor(t.dtype, t.shape, keys[name], t.nbytes) for name, t in by_name.items()}
+    prefix = os.path.splitext(os.path.basename(path))[0]
+    fd = _create(path)
+    try:
+        archive = ZipWriter(fd, prefix)
+        archive.add("data.pkl", state_dict_pickle([(name, pickled[stored]) for name, stored in planned.keys.items()]))
+        archive.add(".format_version", b"1")
+        archive.add(".storage_alignment", b"64")
+        archive.add("byteorder", b"little")
+        writeback = Writeback(fd)
+        for tensor in planned.tensors:
+            offset = archive.begin(f"data/{keys[tensor.name]}", tensor.nbytes)
+            if tensor.materialize:
+                crc = _write_materialized(fd, offset, tensor, sources)
+            else:  # through the buffer: the zip needs each record's CRC-32
+                source, crc = tensor.source, 0
+                for piece in range(0, tensor.nbytes, Writeback.STEP):
+                    count = min(Writeback.STEP, tensor.nbytes - piece)
+                    crc = copy_buffered(sources.fd(source.file), source.offset + piece, fd, offset + piece, count, source.file, crc=crc)
+                    writeback.advance(offset + piece + count)
+            archive.end(crc)
+            progress(tensor.nbytes)
+        archive.add("version", b"3\n")
+        archive.add(".data/serialization_id", _serialization_id(planned))
+        size = archive.close()
+        os.ftruncate(fd, size)
+        return size
+    finally:
+        os.close(fd)
+
+
+def materialize(tensor: PlannedTensor, sources: Sources):
+    """The torch tensor for ``tensor`` in its output dtype, C-contiguous (imports torch)."""
+    from .dtypes import torch_dtype
+    from .tensors import load_tensor
+
+    source = tensor.source
+    handle = None
+    if source.offset is not None or source.storage is not None:
+        handle = os.fdopen(os.dup(sources.fd(source.file)), "rb", buffering=0)
+    try:
+        value = load_tensor(source, handle)
+    finally:
+        if handle is not None:
+            handle.close()
+    if tensor.dtype != source.dtype:
+        value = value.to(torch_dtype(tensor.dtype))
+    return value.contiguous()
+
+
+def tensor_bytes(value) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (valid while ``value`` lives); no numpy needed."""
+    nbytes = value.numel() * value.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(value.data_ptr())).cast("B")
+
+
+def _write_materialized(fd: int, offset: int, tensor: PlannedTensor, sources: Sources) -> int:
+    """Materialize ``tensor``, write its bytes at ``offset`` and return their CRC-32."""
+    value = materialize(tensor, sources)
+    data = tensor_bytes(value)
+    if len(data) != tensor.nbytes:
+        raise AssertionError(f"{tensor.name}: materialized {len(data)} bytes, planned {tensor.nbytes}")
+    write_all(fd, data, offset)
+    return zlib.crc32(data)
+
+
+def _serialization_id(planned: PlannedFile) -> bytes:
+    # torch writes a random 40-digit id; a hash of the layout keeps shardkit's output deterministic.
+    digest = zlib.crc32("\n".join(f"{n}:{planned.keys[n]}" for n in planned.keys).encode("utf-8"))
+    return f"{digest:040d}".encode("ascii")
+
+
+def _create(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
