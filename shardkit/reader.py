@@ -55,19 +55,26 @@ def read_index(path: str | os.PathLike) -> IndexInfo:
         if size > MAX_INDEX_SIZE:
             raise CheckpointError(path, f"index is {size} bytes, over the {MAX_INDEX_SIZE}-byte limit", code="index-invalid")
         with open(path, "rb") as handle:
-            data = orjson.loads(handle.read())
+            data = handle.read()
     except FileNotFoundError:
         raise CheckpointError(path, "no such index file", code="missing-file") from None
-    except orjson.JSONDecodeError as exc:
-        raise CheckpointError(path, f"index is not valid JSON ({exc})", code="index-invalid") from None
     except OSError as exc:
         raise CheckpointError(path, f"cannot be read ({exc.strerror})", code="unreadable") from None
-    if not isinstance(data, dict):
+    return parse_index(path, data)
+
+
+def parse_index(path: str, data: bytes) -> IndexInfo:
+    """Parse the bytes of an index file; ``path`` only names it in errors (it may be a remote file)."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(path, f"index is not valid JSON ({exc})", code="index-invalid") from None
+    if not isinstance(parsed, dict):
         raise CheckpointError(path, "index is not a JSON object", code="index-invalid")
-    weight_map = data.get("weight_map")
-    metadata = data.get("metadata") or {}
-    if weight_map is None and data and all(isinstance(v, str) for v in data.values()):
-        weight_map, metadata = data, {}  # accelerate's flat {param: file} form
+    weight_map = parsed.get("weight_map")
+    metadata = parsed.get("metadata") or {}
+    if weight_map is None and parsed and all(isinstance(v, str) for v in parsed.values()):
+        weight_map, metadata = parsed, {}  # accelerate's flat {param: file} form
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(path, "index has no weight_map of tensor names to file names", code="index-invalid")
     if not isinstance(metadata, dict):

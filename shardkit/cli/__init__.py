@@ -17,6 +17,7 @@ from ..errors import ShardkitError
 #: name -> (module, attribute, one-line help). Add a command here and in its own module.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("shardkit.cli.inspect", "inspect_command", "Show what a checkpoint holds: tensors, dtypes, files, aliases."),
+    "validate": ("shardkit.cli.validate", "validate_command", "Check a checkpoint folder or Hub repo; report every problem."),
 }
 
 

@@ -1,0 +1,106 @@
+"""``shardkit.validate()``: prove that a local checkpoint or a Hub repo is sound, from headers alone by default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..naming import pick_checkpoint
+from ..reader import _resolve_cache_repo
+from .checks import check_checkpoint
+from .report import Report
+from .sources import LocalFolder
+
+
+def validate(
+    target: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    repo_type: str = "model",
+    token: str | bool | None = None,
+    deep: bool = False,
+    checksums: str | os.PathLike | None = None,
+    model_config: str | os.PathLike | bool | None = None,
+) -> Report:
+    """Check the checkpoint at ``target`` and return every problem found as a :class:`Report`.
+
+    ``target`` is a checkpoint file, an index file, a folder (or Hugging Face cache folder) holding one, or a Hub
+    repo id ``org/name`` (when no such local path exists; ``revision``, ``subfolder``, ``repo_type`` and
+    ``token`` apply to it, the token defaulting to huggingface_hub's usual places). Only headers are read unless
+    ``deep`` (tensor data: NaN/Inf/all-zero) or ``checksums`` (a manifest of per-tensor SHA-256: compared when the
+    file exists, written otherwise) asks for data; for a Hub repo these download the checkpoint files first.
+    ``model_config`` (a config.json path, or True for the config.json beside the checkpoint) builds the model on
+    the meta device with transformers and compares parameter names and shapes.
+
+    Problems of the checkpoint become findings; only a target that cannot be read at all (no such path or
+    repo, no checkpoint in it, no access, no network) raises :class:`~shardkit.errors.CheckpointError`.
+    """
+    label = os.fspath(target)
+    local = Path(label)
+    if not local.exists() and _looks_like_repo_id(label):
+        from ..hub.remote import HubRepo
+
+        source = HubRepo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+        selected, whole_folder = _select(source, label, variant), True
+    else:
+        source, selected, whole_folder = _locate_local(local, subfolder, variant, revision)
+
+    report = Report(target=label, checkpoint=selected)
+    checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
+    if checkpoint is not None and (deep or checksums):
+        from .deep import check_data
+
+        folder = getattr(source, "folder", None)
+        if folder is None:  # a Hub repo: the data checks need the files
+            folder, checkpoint = source.download(selected)
+        check_data(checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder)
+    if checkpoint is not None and model_config:
+        from .model import check_model
+
+        check_model(checkpoint, _config_path(source, model_config), report)
+    report.bytes_downloaded = source.bytes_downloaded
+    return report
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not any(p in (".", "..") for p in parts)
+
+
+def _locate_local(path: Path, subfolder: str | None, variant: str | None, revision: str | None):
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder (nor a Hub repo id org/name)", code="missing-file")
+    if path.is_dir():
+        folder = _resolve_cache_repo(path, revision or "main")
+        if subfolder:
+            folder = folder / subfolder
+        source = LocalFolder(folder)
+        return source, _select(source, str(folder), variant), True
+    # A file: an index is checked with its folder, a single checkpoint file on its own.
+    source = LocalFolder(path.parent)
+    source.label = str(path)
+    return source, path.name, path.name.endswith(".json")
+
+
+def _select(source, label: str, variant: str | None) -> str:
+    try:
+        selected = pick_checkpoint(list(source.listing()), variant)
+    except ValueError as exc:
+        raise CheckpointError(label, f"holds several checkpoints ({exc}); pass the file or index to validate", code="ambiguous") from None
+    if selected is None:
+        what = f" for variant {variant!r}" if variant else ""
+        raise CheckpointError(label, f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
+    return selected
+
+
+def _config_path(source, model_config) -> str | None:
+    """The config.json to build the model from: the one given, or the one beside the checkpoint."""
+    if model_config is not True and str(model_config) != "auto":
+        return os.fspath(model_config)
+    if hasattr(source, "fetch_config"):
+        return source.fetch_config()
+    path = Path(source.folder) / "config.json"
+    return str(path) if path.is_file() else None
