@@ -29,6 +29,7 @@ _EXPORTS = {
     "ShardkitError": "shardkit.errors",
     "CheckpointError": "shardkit.errors",
     "NotACheckpointError": "shardkit.errors",
+    "HubError": "shardkit.errors",
     "UnsafePickleError": "shardkit.errors",
     "UnsafePathError": "shardkit.errors",
     "UsageError": "shardkit.errors",

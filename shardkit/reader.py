@@ -88,14 +88,19 @@ def resolve_in_folder(folder: Path, name: str, *, index_path: str) -> Path:
     Absolute paths, drive letters and ``..`` are refused however they are spelled (Windows or POSIX). A symlink
     may only lead outside the folder into the blob store of the Hugging Face cache the folder belongs to.
     """
-    windows, posix = PureWindowsPath(name), PurePosixPath(name)
-    if not name or windows.is_absolute() or windows.drive or posix.is_absolute() or ".." in windows.parts or ".." in posix.parts:
-        raise UnsafePathError(index_path, f"weight_map names {name!r}, which points outside the checkpoint folder")
+    check_relative_name(name, index_path=index_path)
     candidate = folder / name
     real, allowed = os.path.realpath(candidate), _allowed_roots(folder)
     if not any(real == root or real.startswith(root + os.sep) for root in allowed):
         raise UnsafePathError(index_path, f"{name!r} is a symlink to {real}, outside the checkpoint folder")
     return candidate
+
+
+def check_relative_name(name: str, *, index_path: str) -> None:
+    """Refuse a file name from an index that could leave its folder: absolute, drive letter or ``..``, any spelling."""
+    windows, posix = PureWindowsPath(name), PurePosixPath(name)
+    if not name or windows.is_absolute() or windows.drive or posix.is_absolute() or ".." in windows.parts or ".." in posix.parts:
+        raise UnsafePathError(index_path, f"weight_map names {name!r}, which points outside the checkpoint folder")
 
 
 def _allowed_roots(folder: Path) -> list[str]:

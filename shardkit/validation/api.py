@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..hub.remote import looks_like_repo_id
 from ..naming import pick_checkpoint
 from ..reader import _resolve_cache_repo
 from .checks import check_checkpoint
@@ -40,7 +41,7 @@ def validate(
     """
     label = os.fspath(target)
     local = Path(label)
-    if not local.exists() and _looks_like_repo_id(label):
+    if not local.exists() and looks_like_repo_id(label):
         from ..hub.remote import HubRepo
 
         source = HubRepo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
@@ -63,11 +64,6 @@ def validate(
         check_model(checkpoint, _config_path(source, model_config), report)
     report.bytes_downloaded = source.bytes_downloaded
     return report
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not any(p in (".", "..") for p in parts)
 
 
 def _locate_local(path: Path, subfolder: str | None, variant: str | None, revision: str | None):
