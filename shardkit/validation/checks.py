@@ -36,7 +36,8 @@ def check_checkpoint(source, selected: str, report: Report, *, whole_folder: boo
         checkpoint = _check_sharded(source, selected, report)
     else:
         checkpoint = _check_single(source, selected, report)
-    if whole_folder:
+    sharded_but_unread = checkpoint is None and INDEX_RE.match(os.path.basename(selected))
+    if whole_folder and not sharded_but_unread:  # without the index, which shards are in use is unknown
         used = set(checkpoint.index.weight_map.values()) if checkpoint and checkpoint.index else {selected}
         layout.check_folder(listing, selected, used, report, variant)
     return checkpoint

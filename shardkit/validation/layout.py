@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..dtypes import itemsize
-from ..naming import index_file_name, parse_shard_name, single_file_name
+from ..naming import INDEX_RE, index_file_name, parse_shard_name, single_file_name
 from ..sizes import format_size
 from ..table import FileInfo, TensorEntry
 from .report import Report
@@ -58,6 +58,10 @@ def check_numbering(index_name: str, files: list[str], report: Report) -> None:
 def check_folder(listing: dict[str, int], selected: str, used: set[str], report: Report, variant: str | None = None) -> None:
     """Files beside the checkpoint: stale shards of the same family, and a second copy in the other format."""
     families = set()
+    index = INDEX_RE.match(selected)
+    if index:  # model.safetensors.index.fp16.json -> shards model.fp16-*.safetensors
+        stem, _, suffix = index["base"].rpartition(".")
+        families.add((f"{stem}.{index['variant']}" if index["variant"] else stem, "." + suffix))
     for name in used | {selected}:
         shard = parse_shard_name(name)
         if shard is not None:
