@@ -33,15 +33,18 @@ class LocalFolder:
         return str(self.folder / name)
 
     def listing(self) -> dict[str, int]:
+        # Everything but folders: a FIFO or dangling symlink named like a checkpoint must become a finding,
+        # not vanish (its size reads 0).
         files = {}
         with os.scandir(self.folder) as entries:
             for entry in entries:
                 try:
                     info = entry.stat()  # follows symlinks: a HF cache snapshot is all symlinks
                 except OSError:
-                    continue  # dangling symlink
-                if stat.S_ISREG(info.st_mode):
-                    files[entry.name] = info.st_size
+                    files[entry.name] = 0  # dangling symlink
+                    continue
+                if not stat.S_ISDIR(info.st_mode):
+                    files[entry.name] = info.st_size if stat.S_ISREG(info.st_mode) else 0
         return files
 
     def check_path(self, name: str) -> None:
