@@ -28,7 +28,8 @@ def download_checkpoint(
     :class:`~shardkit.errors.HubError` when the repo can't be reached and :class:`CheckpointError` when it
     holds no checkpoint.
     """
-    from ..naming import pick_checkpoint
+    from ..naming import INDEX_RE, pick_checkpoint
+    from ..reader import read_index
     from .remote import HubRepo
 
     repo = HubRepo(repo_id, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
@@ -38,7 +39,10 @@ def download_checkpoint(
         raise CheckpointError(repo.label, f"holds several checkpoints ({exc})", code="ambiguous") from None
     if selected is None:
         raise CheckpointError(repo.label, "holds no checkpoint (no .safetensors, .bin or index file)", code="no-checkpoint")
-    folder, _ = fetch_files(repo, repo.checkpoint_files(selected))
+    folder, _ = fetch_files(repo, [selected])
+    if INDEX_RE.match(selected):  # the cached index names the shards: nothing is fetched twice
+        shards = sorted(set(read_index(folder / selected).weight_map.values()))
+        fetch_files(repo, shards)
     return folder
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from urllib.parse import quote
 
 from ..errors import CheckpointError
 from ..formats import sniff
@@ -53,7 +54,7 @@ class HubRepo:
         self.folder = None  # nothing local
         self.api = HfApi(endpoint=self.endpoint, token=token)
         try:
-            info = self.api.repo_info(repo_id, revision=revision, repo_type=self.repo_type)
+            info = self.api.repo_info(repo_id, revision=revision or "main", repo_type=self.repo_type)
         except Exception as exc:
             raise translate(exc, what=self.label, repo=self.label) from None
         self.commit = getattr(info, "sha", None) or revision or "main"
@@ -65,10 +66,10 @@ class HubRepo:
         return self.fetcher.bytes_received
 
     def url(self, name: str) -> str:
-        from huggingface_hub import hf_hub_url
-
-        return hf_hub_url(self.repo_id, name, subfolder=self.subfolder or None, repo_type=self.repo_type,
-                          revision=self.commit, endpoint=self.endpoint)
+        """The ``resolve`` URL of ``name`` at the resolved commit (built here: ``hf_hub_url`` fixes its endpoint at import)."""
+        path = f"{self.subfolder}/{name}" if self.subfolder else name
+        kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        return f"{self.endpoint}/{kind}{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
 
     def listing(self) -> dict[str, int]:
         """``{file name relative to the subfolder: size}`` of the folder's files (LFS files: the real size)."""
