@@ -113,7 +113,10 @@ def _raise_for_status(status: int, headers, where: str, name: str) -> None:
 
 def translate(exc: BaseException, *, what: str, repo: str | None = None) -> HubError:
     """A one-line :class:`HubError` for an exception raised by huggingface_hub or its HTTP library."""
-    from huggingface_hub import errors as hf_errors
+    try:
+        from huggingface_hub import errors as hf_errors
+    except ImportError:  # huggingface_hub < 0.25 keeps them in utils
+        from huggingface_hub import utils as hf_errors
 
     name = repo or what
     endpoint = hub_endpoint()

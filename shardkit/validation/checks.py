@@ -78,7 +78,7 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
             continue
         if source.size(name) is None:
             count = sum(1 for v in weight_map.values() if v == file_name)
-            report.add("missing-shard", f"the index maps {count} tensors to this file, which is missing: download it again.", file=file_name)
+            report.add("missing-shard", f"the index maps {count} tensor{'s' if count != 1 else ''} to this file, which is missing: download it again.", file=file_name)
             continue
         result = _open(source, name, report, shown=file_name)
         if result is not None:
