@@ -131,3 +131,21 @@ def test_model_config_unbuildable(tmp_path):
     assert codes(validate(tmp_path, model_config=True)) == ["model-not-checked"]
     (tmp_path / "config.json").unlink()
     assert codes(validate(tmp_path, model_config=True)) == ["model-not-checked"]
+
+
+def test_cli_model_config_flag_alone(tmp_path):
+    from click.testing import CliRunner
+
+    from shardkit.cli import main
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(minilm_dir() / "model.safetensors"))
+    state.pop("pooler.dense.weight")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    shutil.copy(minilm_dir() / "config.json", tmp_path / "config.json")
+    result = CliRunner().invoke(main, ["validate", str(tmp_path), "--model-config", "--json"])
+    assert result.exit_code == 1
+    assert [(f["code"], f["tensor"]) for f in json.loads(result.output)["findings"]] == [("model-missing-key", "pooler.dense.weight")]
+    explicit = CliRunner().invoke(main, ["validate", "--model-config", str(tmp_path / "config.json"), str(tmp_path)])
+    assert explicit.exit_code == 1 and "model-missing-key" in explicit.output

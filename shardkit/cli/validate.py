@@ -25,7 +25,8 @@ from . import emit_json
     flag_value="auto",
     default=None,
     metavar="[PATH]",
-    help="Build the model from this config.json (alone: the one beside the checkpoint) on the meta device and compare names and shapes.",
+    help="Build the model from this config.json on the meta device and compare names and shapes. Alone (after "
+    "TARGET): the config.json beside the checkpoint.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def validate_command(target, revision, subfolder, variant, repo_type, token, deep, checksums, model_config, as_json) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -36,8 +37,9 @@ def validate(
     ``model_config`` (a config.json path, or True for the config.json beside the checkpoint) builds the model on
     the meta device with transformers and compares parameter names and shapes.
 
-    Problems of the checkpoint become findings; only a target that cannot be read at all (no such path or
-    repo, no checkpoint in it, no access, no network) raises :class:`~shardkit.errors.CheckpointError`.
+    Problems of the checkpoint become findings; only a target that cannot be read at all raises: a
+    :class:`~shardkit.errors.CheckpointError` for no such path or no checkpoint in it, a
+    :class:`~shardkit.errors.HubError` for a missing or gated repo, no access or no network.
     """
     label = os.fspath(target)
     local = Path(label)
@@ -61,7 +63,12 @@ def validate(
     if checkpoint is not None and model_config:
         from .model import check_model
 
-        check_model(checkpoint, _config_path(source, model_config), report)
+        config = _config_path(source, model_config)
+        try:
+            check_model(checkpoint, config, report)
+        finally:
+            if config and getattr(source, "folder", None) is None and model_config in (True, "auto"):
+                shutil.rmtree(os.path.dirname(config), ignore_errors=True)  # fetched from the Hub into a temp folder
     report.bytes_downloaded = source.bytes_downloaded
     return report
 
