@@ -15,6 +15,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import torch
 from builders import save_bin, save_safetensors, save_sharded, tied_state_dict, varied_state_dict
 from click.testing import CliRunner
 from hubserver import HubServer, VirtualFile
@@ -156,8 +157,6 @@ def test_remote_missing_shard_and_bin_repo(hub, tmp_path):
 
 
 def test_remote_bin_larger_than_the_first_range(hub, tmp_path):
-    import torch
-
     folder = tmp_path / "repo"
     folder.mkdir()
     save_bin({"a": torch.randn(100_000), "b": torch.randn(50_000), "c": torch.ones(3)}, folder / "pytorch_model.bin")
@@ -257,8 +256,6 @@ def test_download_checkpoint_fetches_only_checkpoint_files(hub, tmp_path):
 
 
 def test_deep_on_a_repo_downloads_then_reads_data(hub, tmp_path):
-    import torch
-
     (tmp_path / "repo").mkdir()
     save_safetensors({"w": torch.tensor([1.0, float("nan")]), "z": torch.zeros(4)}, tmp_path / "repo" / "model.safetensors")
     hub.add_folder("org/nan", tmp_path / "repo")
@@ -309,6 +306,8 @@ def olah(tmp_path_factory):
     broken = dict(files)
     broken["model-00001-of-00003.safetensors"] = files["model-00001-of-00003.safetensors"][:-4]
     _lfs_commit(root / "mirrors" / "models" / "org" / "broken", broken, lfs=set())
+    big = save_safetensors({"w": torch.randn(500_000)}, root / "big.safetensors").read_bytes()  # 2 MB, in LFS
+    _lfs_commit(root / "mirrors" / "models" / "org" / "big", {"model.safetensors": big}, lfs={"model.safetensors"})
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -343,6 +342,15 @@ def test_olah_sound_repo(olah, monkeypatch, tmp_path):
     assert report.findings == [] and report.files_checked == 3
     # olah ignores Range: the shards are smaller than the first range, so each came whole, once.
     assert report.bytes_downloaded == sum(p.stat().st_size for p in source.iterdir())
+
+
+def test_olah_ignores_range_and_is_cut_off(olah, monkeypatch, tmp_path):
+    endpoint, _ = olah
+    _isolate(monkeypatch, tmp_path, endpoint)
+    report = validate("org/big")
+    assert report.findings == [] and report.tensors_checked == 1
+    # olah answers the 100 kB range with the whole 2 MB file; the reader stops after the header's prefix.
+    assert 100_000 <= report.bytes_downloaded <= 100_000 + 64 * 1024
 
 
 def test_olah_broken_repo_and_missing_repo(olah, monkeypatch, tmp_path):
