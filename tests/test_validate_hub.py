@@ -195,6 +195,24 @@ def test_gated_repo_needs_a_token(hub, tmp_path):
     assert any(r.startswith("GET /org/gated/resolve/") for r in hub.requests)
 
 
+def test_offline_mode(hub, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError) as info:
+        validate("org/any")
+    assert info.value.code == "hub-offline" and "HF_HUB_OFFLINE" in str(info.value)
+    assert hub.requests == []
+
+
+def test_legacy_torch_file_in_a_repo_is_not_checked_remotely(hub, tmp_path):
+    (tmp_path / "repo").mkdir()
+    torch.save({"w": torch.ones(3), "z": torch.zeros(2)}, tmp_path / "repo" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    hub.add_folder("org/legacy", tmp_path / "repo")
+    report = validate("org/legacy")
+    assert report.codes == {"not-checked"} and report.ok
+    deep = validate("org/legacy", deep=True)  # downloaded, then checked (and its data read) locally
+    assert {(f.code, f.tensor) for f in deep.findings} == {("all-zero", "z")}
+
+
 def test_network_failure(monkeypatch, tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))

@@ -150,8 +150,12 @@ class HubRepo:
             out.write(data)
         return path
 
-    def download(self, selected: str) -> tuple[str, Checkpoint | None]:
-        """Download the checkpoint's files into the Hugging Face cache; return the local folder and its table."""
+    def download(self, selected: str):
+        """Download the checkpoint's files into the Hugging Face cache.
+
+        Returns the local folder, the checkpoint's table read from it (None if unreadable) and the report of
+        that local header check (whose findings repeat the remote ones, except for files not checkable remotely).
+        """
         from ..validation.checks import check_checkpoint
         from ..validation.report import Report
         from ..validation.sources import LocalFolder
@@ -159,8 +163,8 @@ class HubRepo:
 
         folder, fetched = fetch_files(self, self.checkpoint_files(selected))
         self.fetcher.bytes_received += fetched
-        scratch = Report(target=str(folder))  # the header findings were already made remotely
-        return str(folder), check_checkpoint(LocalFolder(folder), selected, scratch, whole_folder=False)
+        local = Report(target=str(folder))
+        return str(folder), check_checkpoint(LocalFolder(folder), selected, local, whole_folder=False), local
 
 
 class RangeFile(io.RawIOBase):

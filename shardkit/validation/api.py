@@ -53,13 +53,18 @@ def validate(
 
     report = Report(target=label, checkpoint=selected)
     checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
-    if checkpoint is not None and (deep or checksums):
+    unchecked = {f.file for f in report.findings if f.code == "not-checked"}
+    if (checkpoint is not None or unchecked) and (deep or checksums):
         from .deep import check_data
 
         folder = getattr(source, "folder", None)
         if folder is None:  # a Hub repo: the data checks need the files
-            folder, checkpoint = source.download(selected)
-        check_data(checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder)
+            folder, checkpoint, local = source.download(selected)
+            # Files that could not be checked remotely (legacy torch) were checked in the downloaded copy.
+            report.findings = [f for f in report.findings if f.code != "not-checked"]
+            report.findings += [f for f in local.findings if f.file in unchecked]
+        if checkpoint is not None:
+            check_data(checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder)
     if checkpoint is not None and model_config:
         from .model import check_model
 
