@@ -53,7 +53,7 @@ def fetch_files(repo, names: list[str]) -> tuple[Path, int]:
     """
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    from .http import translate
+    from .http import is_hub_failure, translate
 
     folder, fetched = None, 0
     for name in names:
@@ -64,6 +64,8 @@ def fetch_files(repo, names: list[str]) -> tuple[Path, int]:
             path = hf_hub_download(repo.repo_id, filename, revision=repo.commit, repo_type=repo.repo_type,
                                    token=repo.token, endpoint=repo.endpoint)
         except Exception as exc:
+            if not is_hub_failure(exc):
+                raise
             raise translate(exc, what=f"{repo.label}: {name}", repo=repo.label) from None
         if not isinstance(cached, str):
             fetched += os.path.getsize(path)

@@ -1,8 +1,9 @@
 """Bounded HTTP reads of Hub files, through huggingface_hub's shared session.
 
-:func:`read_range` asks for ``bytes=start-stop`` and stops reading once it has them, even when the server ignores
-``Range`` and sends the whole file: the body is streamed and the response closed early, so a lying or
-Range-blind server costs at most ``start + length`` bytes. :class:`Fetcher` counts every body byte received.
+:meth:`Fetcher.read_range` asks for ``bytes=start-stop`` and stops reading once it has them, even when the server
+ignores ``Range`` and sends the whole file: the body is streamed and the response closed early, so a lying or
+Range-blind server costs at most ``start + length`` bytes plus one network chunk. :class:`Fetcher` counts every
+body byte received.
 Works with huggingface_hub 1.x/2.x (httpx-style clients with ``stream()``) and 0.x (requests sessions).
 """
 
@@ -54,7 +55,7 @@ class Fetcher:
             return self._collect(chunks, skip, length)
 
     def read_all(self, url: str, limit: int, *, name: str) -> bytes:
-        """The whole file at ``url``; refuses (unread) anything longer than ``limit`` bytes."""
+        """The whole file at ``url``; a file longer than ``limit`` bytes is refused after ``limit + 1`` bytes."""
         with self._stream(url, dict(self.headers), name) as (_, chunks):
             data = self._collect(chunks, 0, limit + 1)
         if len(data) > limit:
@@ -89,7 +90,7 @@ class Fetcher:
                     _raise_for_status(response.status_code, response.headers, self.label or url, name)
                     yield response.status_code, response.iter_content(STREAM_CHUNK)
         except Exception as exc:
-            if isinstance(exc, network_errors()) or type(exc).__module__.startswith("huggingface_hub"):
+            if is_hub_failure(exc):
                 raise translate(exc, what=url) from None
             raise
 
@@ -109,6 +110,11 @@ def _raise_for_status(status: int, headers, where: str, name: str) -> None:
     if status == 416:
         raise CheckpointError(name, "is shorter than the repo listing says (416 Range Not Satisfiable)", code="sf-truncated")
     raise HubError(f"{where}: the server answered {status} for {name}", code="hub-http-error")
+
+
+def is_hub_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` reports the Hub or the network (to translate), rather than a bug (to let through)."""
+    return isinstance(exc, network_errors()) or type(exc).__module__.startswith("huggingface_hub")
 
 
 def translate(exc: BaseException, *, what: str, repo: str | None = None) -> HubError:
@@ -131,6 +137,9 @@ def translate(exc: BaseException, *, what: str, repo: str | None = None) -> HubE
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status in (401, 403):
         return HubError(f"{name}: access denied ({status}) by {endpoint}: pass a token with access (--token or HF_TOKEN)", code="repo-access-denied")
+    cause = exc.__cause__ or exc.__context__  # hf_hub_download wraps a connection error in LocalEntryNotFoundError
+    if not isinstance(exc, network_errors()) and isinstance(cause, network_errors()):
+        exc = cause
     if isinstance(exc, network_errors()):
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return HubError(f"{name}: cannot reach {endpoint} ({reason})", code="hub-unreachable")

@@ -21,7 +21,7 @@ from ..formats.torchzip import read_torch_zip
 from ..naming import INDEX_RE, pick_checkpoint
 from ..reader import MAX_INDEX_SIZE, _add_declared_aliases, _add_entries, check_relative_name, parse_index
 from ..table import Checkpoint, FileInfo, IndexInfo, TensorEntry
-from .http import Fetcher, hub_endpoint, translate
+from .http import Fetcher, hub_endpoint, is_hub_failure, translate
 
 #: First request per file: the hub's own heuristic (huggingface_hub PR #1855).
 PREFIX = 100_000
@@ -56,6 +56,8 @@ class HubRepo:
         try:
             info = self.api.repo_info(repo_id, revision=revision or "main", repo_type=self.repo_type)
         except Exception as exc:
+            if not is_hub_failure(exc):
+                raise
             raise translate(exc, what=self.label, repo=self.label) from None
         self.commit = getattr(info, "sha", None) or revision or "main"
         self.fetcher = Fetcher(build_hf_headers(token=token), label=self.label)
@@ -79,6 +81,8 @@ class HubRepo:
                                                repo_type=self.repo_type)
                 items = list(tree)
             except Exception as exc:
+                if not is_hub_failure(exc):
+                    raise
                 raise translate(exc, what=self.label, repo=self.label) from None
             prefix = self.subfolder + "/" if self.subfolder else ""
             self._listing = {
@@ -100,6 +104,8 @@ class HubRepo:
         try:
             infos = self.api.get_paths_info(self.repo_id, [path], revision=self.commit, repo_type=self.repo_type)
         except Exception as exc:
+            if not is_hub_failure(exc):
+                raise
             raise translate(exc, what=self.label, repo=self.label) from None
         sizes = [getattr(i, "size", None) for i in infos if getattr(i, "path", None) == path]
         return sizes[0] if sizes else None
