@@ -104,6 +104,15 @@ def test_multi_gb_repo_downloads_only_kilobytes(hub):
     assert all(_cdn_gets(hub, f"model-0000{i}-of-00003.safetensors") == 1 for i in (1, 2, 3))
 
 
+def test_hub_size_limits_from_the_listing(hub):
+    _huge_repo(hub, "org/giant", shards=2, shard_bytes=51 * 10**9)
+    report = validate("org/giant")
+    assert [(f.code, f.file) for f in report.findings] == [
+        ("file-too-large", "model-00001-of-00002.safetensors"), ("file-too-large", "model-00002-of-00002.safetensors")
+    ]
+    assert report.bytes_downloaded < 2 * 100_000 + 10_000
+
+
 def test_server_that_ignores_range_is_cut_off(hub):
     hub.honour_range = False
     _huge_repo(hub, "org/huge", shards=2, shard_bytes=5 * 10**9)

@@ -16,7 +16,7 @@ import tempfile
 import orjson
 
 from ..dtypes import FLOATING, itemsize
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ShardkitError
 from ..table import Checkpoint, TensorEntry
 from .report import Report
 
@@ -54,7 +54,10 @@ def check_data(
                 try:
                     stats = _scan(torch, entry, handle)
                 except CheckpointError as exc:
-                    report.add(exc.code if exc.code in ("short-read",) else "deep-skipped", f"{exc.problem}.", file=shown, tensor=entry.name)
+                    report.add(exc.code if exc.code == "short-read" else "deep-skipped", f"{exc.problem}.", file=shown, tensor=entry.name)
+                    continue
+                except ShardkitError as exc:  # a dtype this torch build cannot hold
+                    report.add("deep-skipped", f"{exc}.", file=shown, tensor=entry.name)
                     continue
                 digests[entry.name] = {"sha256": stats["sha256"], "dtype": entry.dtype, "shape": list(entry.shape)}
                 if nan_inf_zero:

@@ -118,8 +118,8 @@ class Report:
     checksums_written: str | None = None
 
     def add(self, code: str, message: str, *, file: str | None = None, tensor: str | None = None) -> None:
-        """Record a finding; its severity comes from :data:`CODES`."""
-        severity = CODES[code][0]
+        """Record a finding; its severity comes from :data:`CODES` (a code missing there counts as an error)."""
+        severity = CODES.get(code, (ERROR, ""))[0]
         self.findings.append(Finding(code, severity, file, tensor, message))
 
     @property
