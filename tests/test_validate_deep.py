@@ -149,3 +149,13 @@ def test_cli_model_config_flag_alone(tmp_path):
     assert [(f["code"], f["tensor"]) for f in json.loads(result.output)["findings"]] == [("model-missing-key", "pooler.dense.weight")]
     explicit = CliRunner().invoke(main, ["validate", "--model-config", str(tmp_path / "config.json"), str(tmp_path)])
     assert explicit.exit_code == 1 and "model-missing-key" in explicit.output
+
+
+def test_deep_on_minilm_finds_its_untrained_pooler_bias():
+    """The real MiniLM checkpoint ships an all-zero pooler bias (sentence-transformers never trains the pooler)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(minilm_dir() / "model.safetensors"))
+    zero = sorted(name for name, t in state.items() if t.is_floating_point() and not t.count_nonzero())
+    report = validate(minilm_dir(), deep=True)
+    assert [(f.code, f.tensor) for f in report.findings] == [("all-zero", name) for name in zero] == [("all-zero", "pooler.dense.bias")]
