@@ -387,7 +387,9 @@ def test_header_path_never_imports_torch(sharded):
     save_bin(tied_state_dict(), sharded / "pytorch_model.bin")  # a .bin too: the restricted unpickler, not torch
     code = (
         "import sys; from shardkit import validate; r = validate(sys.argv[1]); "
-        "assert r.codes == {'mixed-formats'}, r.findings; print('torch' in sys.modules)"
+        "assert r.codes == {'mixed-formats'}, r.findings; "
+        "b = validate(sys.argv[1] + '/pytorch_model.bin'); assert b.ok and b.tensors_checked == 7, b.findings; "
+        "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(sharded)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=60)
