@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, HubError
 from ..hub.remote import looks_like_repo_id
 from ..naming import pick_checkpoint
 from ..reader import _resolve_cache_repo
@@ -46,7 +46,12 @@ def validate(
     if not local.exists() and looks_like_repo_id(label):
         from ..hub.remote import HubRepo
 
-        source = HubRepo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+        try:
+            source = HubRepo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+        except HubError as exc:
+            if exc.code == "repo-not-found":  # maybe a mistyped local path
+                raise HubError(f"{exc}; nor is there a local file or folder {label!r}", code=exc.code) from None
+            raise
         selected, whole_folder = _select(source, label, variant), True
     else:
         source, selected, whole_folder = _locate_local(local, subfolder, variant, revision)
