@@ -65,7 +65,6 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
     if not weight_map:
         report.add("index-empty", "weight_map is empty: the index describes no tensor.", file=index_name)
     _check_index_format(index_name, weight_map, report)
-    _check_total_size_type(index_name, index.metadata, report)
 
     folder = os.path.dirname(index_name)
     opened: dict[str, tuple[FileInfo, list[TensorEntry]]] = {}
@@ -86,8 +85,8 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
             layout.check_file(file_name, *result, report)
 
     checkpoint = _assemble(source, index, opened, report)
-    if len(opened) == len(set(weight_map.values())):
-        _check_total_size(index_name, index.metadata, checkpoint, report)
+    complete = len(opened) == len(set(weight_map.values()))
+    _check_total_size(index_name, index.metadata, checkpoint.total_bytes if complete else None, report)
     layout.check_numbering(index_name, sorted(set(weight_map.values())), report)
     report.tensors_checked = len(checkpoint)
     return checkpoint
@@ -116,20 +115,15 @@ def _check_index_format(index_name: str, weight_map: dict[str, str], report: Rep
         )
 
 
-def _check_total_size_type(index_name: str, metadata: dict, report: Report) -> None:
+def _check_total_size(index_name: str, metadata: dict, actual: int | None, report: Report) -> None:
+    """``metadata.total_size`` against the tensors' bytes (``actual``, None when not every file could be read)."""
     total = metadata.get("total_size")
     if total is None or isinstance(total, bool) or not isinstance(total, (int, float)):
         report.add("total-size-missing", "metadata.total_size is missing or not a number; some tools use it to plan memory.", file=index_name)
     elif isinstance(total, float):
-        report.add("total-size-float", f"metadata.total_size is the float {total}; write the integer byte count.", file=index_name)
-
-
-def _check_total_size(index_name: str, metadata: dict, checkpoint: Checkpoint, report: Report) -> None:
-    total = metadata.get("total_size")
-    if isinstance(total, bool) or not isinstance(total, (int, float)):
-        return
-    actual = checkpoint.total_bytes
-    if total != actual and not (isinstance(total, float) and abs(total - actual) < 1):
+        what = f" (the tensors hold {actual} bytes)" if actual is not None else ""
+        report.add("total-size-float", f"metadata.total_size is the float {total}{what}; write the integer byte count.", file=index_name)
+    elif actual is not None and total != actual:
         report.add(
             "total-size-mismatch",
             f"metadata.total_size is {total} but the tensors hold {actual} bytes (shared tensors counted once): fix the index.",
