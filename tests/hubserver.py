@@ -146,6 +146,8 @@ def _handler(hub: HubServer):
                         continue
                     items.append(self._entry(name, vf))
                 items += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
+                if prefix and not items:
+                    return self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
                 return self._json(200, items)
             paths = self._form.get("paths", [])
             return self._json(200, [self._entry(p, repo.files[p]) for p in paths if p in repo.files])

@@ -187,6 +187,15 @@ def test_subfolder_revision_and_variant(hub, tmp_path):
     assert any("/resolve/0123456789abcdef0123456789abcdef01234567/unet/model.fp16.safetensors" in r for r in hub.requests)
 
 
+def test_missing_subfolder(hub, tmp_path):
+    (tmp_path / "repo").mkdir()
+    save_safetensors(varied_state_dict(), tmp_path / "repo" / "model.safetensors")
+    hub.add_folder("org/flat", tmp_path / "repo")
+    with pytest.raises(HubError) as info:
+        validate("org/flat", subfolder="nope")
+    assert info.value.code == "missing-file" and "org/flat/nope" in str(info.value)
+
+
 def test_missing_repo(hub):
     with pytest.raises(HubError) as info:
         validate("org/nope")

@@ -130,6 +130,8 @@ def translate(exc: BaseException, *, what: str, repo: str | None = None) -> HubE
         return HubError(f"{name}: the repo is gated: accept its terms on the Hub, then pass a token (--token or HF_TOKEN)", code="repo-gated")
     if isinstance(exc, getattr(hf_errors, "RevisionNotFoundError", ())):
         return HubError(f"{name}: no such revision on {endpoint}", code="revision-not-found")
+    if isinstance(exc, (getattr(hf_errors, "RemoteEntryNotFoundError", ()), getattr(hf_errors, "EntryNotFoundError", ()))):
+        return HubError(f"{name}: no such file or folder in the repo", code="missing-file")
     if isinstance(exc, getattr(hf_errors, "RepositoryNotFoundError", ())):
         return HubError(f"{name}: repository not found on {endpoint} (if it is private or gated, pass a token: --token or HF_TOKEN)", code="repo-not-found")
     if isinstance(exc, getattr(hf_errors, "OfflineModeIsEnabled", ())):
