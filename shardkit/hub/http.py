@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 from ..errors import CheckpointError, HubError
 
@@ -44,6 +45,7 @@ class Fetcher:
         self.headers = {**headers, "Accept-Encoding": "identity"}
         self.label = label  # the repo, for error messages
         self.bytes_received = 0
+        self._lock = threading.Lock()  # headers of several shards are read from a thread pool
 
     def read_range(self, url: str, start: int, length: int, *, name: str) -> bytes:
         """Bytes ``[start, start + length)`` of the file at ``url`` (fewer only if the file is shorter)."""
@@ -65,7 +67,8 @@ class Fetcher:
     def _collect(self, chunks, skip: int, length: int) -> bytes:
         buffer = bytearray()
         for chunk in chunks:
-            self.bytes_received += len(chunk)
+            with self._lock:
+                self.bytes_received += len(chunk)
             if skip:
                 dropped = min(skip, len(chunk))
                 chunk, skip = chunk[dropped:], skip - dropped

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 from ..errors import CheckpointError
@@ -25,6 +26,8 @@ from .http import Fetcher, hub_endpoint, is_hub_failure, translate
 
 #: First request per file: the hub's own heuristic (huggingface_hub PR #1855).
 PREFIX = 100_000
+#: Header reads in flight at once (huggingface_hub's get_safetensors_metadata also uses a thread pool).
+WORKERS = 8
 #: config.json and other small JSON files fetched whole.
 MAX_CONFIG_SIZE = 16 * 1024 * 1024
 
@@ -62,6 +65,7 @@ class HubRepo:
         self.commit = getattr(info, "sha", None) or revision or "main"
         self.fetcher = Fetcher(build_hf_headers(token=token), label=self.label)
         self._listing: dict[str, int] | None = None
+        self._prefetched: dict[str, tuple] = {}
 
     @property
     def bytes_downloaded(self) -> int:
@@ -118,8 +122,30 @@ class HubRepo:
             raise CheckpointError(name, f"index is {size} bytes, over the {MAX_INDEX_SIZE}-byte limit", code="index-invalid")
         return parse_index(name, self.fetcher.read_all(self.url(name), MAX_INDEX_SIZE, name=name))
 
+    def prefetch(self, names: list[str]) -> None:
+        """Read the headers of ``names`` :data:`WORKERS` at a time; :meth:`open_file` then answers from memory.
+
+        Round trips dominate on repos of many shards, so they overlap; outcomes are kept per file, errors included.
+        """
+        def attempt(name):
+            try:
+                return self._read_header(name), None
+            except CheckpointError as exc:
+                return None, exc
+
+        with ThreadPoolExecutor(WORKERS) as pool:
+            self._prefetched.update(zip(names, pool.map(attempt, names)))
+
     def open_file(self, name: str) -> tuple[FileInfo, list[TensorEntry]]:
         """The header of the repo file ``name``, read with ranges; raises the reader's :class:`CheckpointError`."""
+        if name in self._prefetched:
+            result, error = self._prefetched.pop(name)
+            if error is not None:
+                raise error
+            return result
+        return self._read_header(name)
+
+    def _read_header(self, name: str) -> tuple[FileInfo, list[TensorEntry]]:
         size = self.size(name)
         if size is None:
             raise CheckpointError(name, "no such file in the repo", code="missing-file")
@@ -255,8 +281,11 @@ def open_remote_checkpoint(repo_id: str, *, revision: str | None = None, subfold
         return checkpoint
     index = repo.read_index(selected)
     checkpoint = Checkpoint(source=repo.label, format="", entries={}, files=[], root="", index=index)
-    for name in sorted(set(index.weight_map.values())):
+    names = sorted(set(index.weight_map.values()))
+    for name in names:
         repo.check_path(name)
+    repo.prefetch(names)
+    for name in names:
         info, entries = repo.open_file(name)
         checkpoint.files.append(info)
         _add_entries(checkpoint, entries, index_path=selected)

@@ -67,7 +67,7 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
     _check_index_format(index_name, weight_map, report)
 
     folder = os.path.dirname(index_name)
-    opened: dict[str, tuple[FileInfo, list[TensorEntry]]] = {}
+    present: dict[str, str] = {}  # file name in the index -> name in the source
     for file_name in sorted(set(weight_map.values())):
         name = f"{folder}/{file_name}" if folder else file_name
         try:
@@ -79,6 +79,11 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
             count = sum(1 for v in weight_map.values() if v == file_name)
             report.add("missing-shard", f"the index maps {count} tensor{'s' if count != 1 else ''} to this file, which is missing: download it again.", file=file_name)
             continue
+        present[file_name] = name
+    if hasattr(source, "prefetch"):  # a remote source overlaps its round trips
+        source.prefetch(list(present.values()))
+    opened: dict[str, tuple[FileInfo, list[TensorEntry]]] = {}
+    for file_name, name in present.items():
         result = _open(source, name, report, shown=file_name)
         if result is not None:
             opened[file_name] = result
