@@ -229,6 +229,20 @@ def test_file_rules(tmp_path, code, make):
     assert report.verdict == "broken"
 
 
+def test_every_rule_a_header_breaks_is_reported(tmp_path):
+    header = (b'{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}, '
+              b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}, '
+              b'"c": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}, '
+              b'"__metadata__": {"format": 5}}')
+    write_raw(tmp_path / "model.safetensors", header, bytes(16))
+    report = validate(tmp_path)
+    assert [(f.code, f.file) for f in report.findings] == [
+        ("sf-bad-metadata", "model.safetensors"), ("sf-unknown-dtype", "model.safetensors"),
+        ("sf-size-mismatch", "model.safetensors"), ("sf-trailing-bytes", "model.safetensors"),
+    ]
+    assert "'a'" in report.findings[1].message and "'b'" in report.findings[2].message
+
+
 def test_every_broken_shard_is_reported(sharded):
     """Validation does not stop at the first problem: each broken file gets its own finding."""
     first, second = sharded / "model-00001-of-00003.safetensors", sharded / "model-00003-of-00003.safetensors"

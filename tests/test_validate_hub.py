@@ -418,4 +418,11 @@ def test_remote_header_rules_match_local(hub, tmp_path):
     (tmp_path / "repo" / "model.safetensors").write_bytes(data)
     hub.add_folder("org/bad", tmp_path / "repo")
     assert validate("org/bad").codes == validate(tmp_path / "repo").codes == {"sf-size-mismatch"}
+    header = (b'{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}, '
+              b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}}')
+    (tmp_path / "repo" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    hub.add_folder("org/bad2", tmp_path / "repo")
+    remote_findings = [(f.code, f.message) for f in validate("org/bad2").findings]
+    assert [c for c, _ in remote_findings] == ["sf-unknown-dtype", "sf-size-mismatch", "sf-truncated"]
+    assert remote_findings == [(f.code, f.message) for f in validate(tmp_path / "repo").findings]
     assert remote.PREFIX == 100_000

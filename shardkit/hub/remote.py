@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from ..errors import CheckpointError
 from ..formats import sniff
-from ..formats.safetensors import parse_header, parse_header_length
+from ..formats.safetensors import header_problems, parse_header, parse_header_length
 from ..formats.torchzip import read_torch_zip
 from ..naming import INDEX_RE, pick_checkpoint
 from ..reader import MAX_INDEX_SIZE, _add_declared_aliases, _add_entries, check_relative_name, parse_index
@@ -66,6 +66,7 @@ class HubRepo:
         self.fetcher = Fetcher(build_hf_headers(token=token), label=self.label)
         self._listing: dict[str, int] | None = None
         self._prefetched: dict[str, tuple] = {}
+        self._broken_headers: dict[str, tuple[bytes, int]] = {}
 
     @property
     def bytes_downloaded(self) -> int:
@@ -159,10 +160,21 @@ class HubRepo:
                 raw += self.fetcher.read_range(url, len(head), 8 + length - len(head), name=name)
             if len(raw) < length:
                 raise CheckpointError(name, f"the server sent {8 + len(raw)} bytes of a {8 + length}-byte header (truncated?)", code="sf-header-past-eof")
-            return parse_header(name, raw, size)
+            try:
+                return parse_header(name, raw, size)
+            except CheckpointError:
+                self._broken_headers[name] = (raw, size)  # for header_problems: no second download
+                raise
         if fmt == "torch-zip":
             return read_torch_zip(name, RangeFile(self.fetcher, url, size, name=name, head=head), size)
         raise CheckpointError(name, "is a legacy torch file, whose tensors can only be located by loading it: validate a downloaded copy", code="not-checked")
+
+    def header_problems(self, name: str) -> list[CheckpointError]:
+        """Every header rule the safetensors file ``name`` breaks, from the header its failed read kept."""
+        if name not in self._broken_headers:
+            return []
+        raw, size = self._broken_headers.pop(name)
+        return header_problems(name, raw, size)
 
     def checkpoint_files(self, selected: str) -> list[str]:
         """The files that make up the checkpoint ``selected``: the index and its shards, or the single file."""

@@ -101,7 +101,14 @@ def _open(source, name: str, report: Report, *, shown: str | None = None):
     try:
         result = source.open_file(name)
     except CheckpointError as exc:
-        report.add(exc.code, f"{exc.problem}.", file=shown or name)
+        problems = [exc]
+        if exc.code.startswith("sf-"):  # a safetensors header: list every rule it breaks, not just the first
+            try:
+                problems = source.header_problems(name) or problems
+            except CheckpointError:
+                pass
+        for problem in problems:
+            report.add(problem.code, f"{problem.problem}.", file=shown or name)
         return None
     report.files_checked += 1
     return result

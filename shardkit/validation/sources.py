@@ -6,6 +6,7 @@ Both offer the same small interface, so every check runs unchanged on either:
 - ``check_path(name)``: raise :class:`~shardkit.errors.UnsafePathError` if ``name`` leads outside the folder;
 - ``size(name)``: the file's size or None if it is missing;
 - ``read_index(name)`` and ``open_file(name)``: the reader's results, or its :class:`CheckpointError`;
+- ``header_problems(name)``: after ``open_file`` failed on a safetensors rule, every rule the header breaks;
 - ``bytes_downloaded``: bytes of file content fetched so far (always 0 here).
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..formats import open_file
+from ..formats.safetensors import header_problems, parse_header_length
 from ..reader import read_index, resolve_in_folder
 from ..table import FileInfo, IndexInfo, TensorEntry
 
@@ -63,6 +65,14 @@ class LocalFolder:
     def open_file(self, name: str) -> tuple[FileInfo, list[TensorEntry]]:
         self._require_regular(name)
         return open_file(self.folder / name)
+
+    def header_problems(self, name: str) -> list[CheckpointError]:
+        """Every header rule the safetensors file ``name`` breaks (:func:`open_file` stops at the first)."""
+        path = str(self.folder / name)
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = parse_header_length(path, handle.read(8), size)
+            return header_problems(path, handle.read(length), size)
 
     def _require_regular(self, name: str) -> None:
         # A FIFO or device named like a shard would block or never end: refuse anything but a regular file.
