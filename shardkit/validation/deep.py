@@ -15,7 +15,7 @@ import tempfile
 
 import orjson
 
-from ..dtypes import FLOATING, itemsize
+from ..dtypes import FLOATING, itemsize, torch_dtype
 from ..errors import CheckpointError, ShardkitError
 from ..table import Checkpoint, TensorEntry
 from .report import Report
@@ -76,12 +76,12 @@ def _scan(torch, entry: TensorEntry, handle) -> dict:
         remaining = entry.nbytes
         while remaining:
             chunk = handle.read(min(step, remaining))
-            if not chunk:
+            if not chunk or len(chunk) % itemsize(entry.dtype):  # the file shrank since its header was read
                 raise CheckpointError(entry.file, f"file ends {remaining} bytes before the end of tensor {entry.name!r} (truncated?)", code="short-read")
             remaining -= len(chunk)
             digest.update(chunk)
             if stats["counted"]:
-                _count(torch, torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(_torch_dtype(entry.dtype)), stats)
+                _count(torch, torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(torch_dtype(entry.dtype)), stats)
     else:
         from ..tensors import load_tensor
 
@@ -92,12 +92,6 @@ def _scan(torch, entry: TensorEntry, handle) -> dict:
             _count(torch, tensor.reshape(-1), stats)
     stats["sha256"] = digest.hexdigest()
     return stats
-
-
-def _torch_dtype(dtype: str):
-    from ..dtypes import torch_dtype
-
-    return torch_dtype(dtype)
 
 
 def _count(torch, values, stats: dict) -> None:
