@@ -187,6 +187,15 @@ def test_subfolder_revision_and_variant(hub, tmp_path):
     assert any("/resolve/0123456789abcdef0123456789abcdef01234567/unet/model.fp16.safetensors" in r for r in hub.requests)
 
 
+def test_dataset_repo(hub, tmp_path):
+    (tmp_path / "repo").mkdir()
+    save_safetensors(varied_state_dict(), tmp_path / "repo" / "model.safetensors")
+    hub.add_folder("org/ds", tmp_path / "repo")
+    assert validate("org/ds", repo_type="dataset").findings == []
+    assert any(r.startswith("GET /api/datasets/org/ds/revision/main") for r in hub.requests)
+    assert any(r.startswith("GET /datasets/org/ds/resolve/") for r in hub.requests)
+
+
 def test_missing_subfolder(hub, tmp_path):
     (tmp_path / "repo").mkdir()
     save_safetensors(varied_state_dict(), tmp_path / "repo" / "model.safetensors")
