@@ -63,3 +63,9 @@ class OutputError(ShardkitError):
     """Writing the output failed (full disk, permissions); nothing was left at the destination."""
 
     code = "write-failed"
+
+
+class HubError(ShardkitError):
+    """A Hub repo that can't be reached or read at all: missing, gated, no access, no network."""
+
+    code = "hub-error"

@@ -58,3 +58,29 @@ def format_of_name(name: str) -> str | None:
     if name.endswith((".bin", ".pt", ".pth")):
         return "bin"
     return None
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def pick_checkpoint(names: list[str], variant: str | None = None) -> str | None:
+    """The checkpoint file or index among a folder's file ``names``, in transformers' order of preference.
+
+    ``model.safetensors``, then its index, then ``pytorch_model.bin``, then its index (``variant`` applied);
+    else the only index, else the only checkpoint file. Returns None when there is none and raises
+    ``ValueError`` listing the candidates when there are several.
+    """
+    present = set(names)
+    for name in (single_file_name("safetensors", variant), index_file_name("safetensors", variant),
+                 single_file_name("bin", variant), index_file_name("bin", variant)):
+        if name in present:
+            return name
+    ordered = sorted(present)
+    indexes = [n for n in ordered if INDEX_RE.match(n) and (variant is None or INDEX_RE.match(n)["variant"] == variant)]
+    singles = [n for n in ordered if n.endswith(CHECKPOINT_SUFFIXES) and (variant is None or f".{variant}." in n)]
+    for group in (indexes, singles):
+        if len(group) == 1:
+            return group[0]
+        if len(group) > 1:
+            raise ValueError(", ".join(group[:4]) + (", ..." if len(group) > 4 else ""))
+    return None

@@ -55,19 +55,26 @@ def read_index(path: str | os.PathLike) -> IndexInfo:
         if size > MAX_INDEX_SIZE:
             raise CheckpointError(path, f"index is {size} bytes, over the {MAX_INDEX_SIZE}-byte limit", code="index-invalid")
         with open(path, "rb") as handle:
-            data = orjson.loads(handle.read())
+            data = handle.read()
     except FileNotFoundError:
         raise CheckpointError(path, "no such index file", code="missing-file") from None
-    except orjson.JSONDecodeError as exc:
-        raise CheckpointError(path, f"index is not valid JSON ({exc})", code="index-invalid") from None
     except OSError as exc:
         raise CheckpointError(path, f"cannot be read ({exc.strerror})", code="unreadable") from None
-    if not isinstance(data, dict):
+    return parse_index(path, data)
+
+
+def parse_index(path: str, data: bytes) -> IndexInfo:
+    """Parse the bytes of an index file; ``path`` only names it in errors (it may be a remote file)."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(path, f"index is not valid JSON ({exc})", code="index-invalid") from None
+    if not isinstance(parsed, dict):
         raise CheckpointError(path, "index is not a JSON object", code="index-invalid")
-    weight_map = data.get("weight_map")
-    metadata = data.get("metadata") or {}
-    if weight_map is None and data and all(isinstance(v, str) for v in data.values()):
-        weight_map, metadata = data, {}  # accelerate's flat {param: file} form
+    weight_map = parsed.get("weight_map")
+    metadata = parsed.get("metadata") or {}
+    if weight_map is None and parsed and all(isinstance(v, str) for v in parsed.values()):
+        weight_map, metadata = parsed, {}  # accelerate's flat {param: file} form
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(path, "index has no weight_map of tensor names to file names", code="index-invalid")
     if not isinstance(metadata, dict):
@@ -81,14 +88,19 @@ def resolve_in_folder(folder: Path, name: str, *, index_path: str) -> Path:
     Absolute paths, drive letters and ``..`` are refused however they are spelled (Windows or POSIX). A symlink
     may only lead outside the folder into the blob store of the Hugging Face cache the folder belongs to.
     """
-    windows, posix = PureWindowsPath(name), PurePosixPath(name)
-    if not name or windows.is_absolute() or windows.drive or posix.is_absolute() or ".." in windows.parts or ".." in posix.parts:
-        raise UnsafePathError(index_path, f"weight_map names {name!r}, which points outside the checkpoint folder")
+    check_relative_name(name, index_path=index_path)
     candidate = folder / name
     real, allowed = os.path.realpath(candidate), _allowed_roots(folder)
     if not any(real == root or real.startswith(root + os.sep) for root in allowed):
         raise UnsafePathError(index_path, f"{name!r} is a symlink to {real}, outside the checkpoint folder")
     return candidate
+
+
+def check_relative_name(name: str, *, index_path: str) -> None:
+    """Refuse a file name from an index that could leave its folder: absolute, drive letter or ``..``, any spelling."""
+    windows, posix = PureWindowsPath(name), PurePosixPath(name)
+    if not name or windows.is_absolute() or windows.drive or posix.is_absolute() or ".." in windows.parts or ".." in posix.parts:
+        raise UnsafePathError(index_path, f"weight_map names {name!r}, which points outside the checkpoint folder")
 
 
 def _allowed_roots(folder: Path) -> list[str]:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("shardkit.cli.inspect", "inspect_command", "Show what a checkpoint holds: tensors, dtypes, files, aliases."),
     "split": ("shardkit.cli.split", "split_command", "Reshard a checkpoint into Hub-style shards, copying byte ranges."),
     "convert": ("shardkit.cli.convert", "convert_command", "Convert .bin checkpoints to safetensors (or back), keeping the layout."),
+    "validate": ("shardkit.cli.validate", "validate_command", "Check a checkpoint folder or Hub repo; report every problem."),
 }
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
+from ..hub.remote import looks_like_repo_id
 from ..reader import open_checkpoint
 from ..sizes import format_size
 from ..summary import summarize
@@ -13,14 +16,25 @@ from . import emit_json
 @click.command("inspect")
 @click.argument("path")
 @click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends in a folder.")
+@click.option("--revision", help="Hub repo: branch, tag or commit (default main).")
+@click.option("--subfolder", help="Hub repo: the subfolder holding the checkpoint.")
+@click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True, help="Hub repo type.")
+@click.option("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
 @click.option("--tensors", "list_tensors", is_flag=True, help="Also list every tensor with dtype, shape and file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect_command(path: str, variant: str | None, list_tensors: bool, as_json: bool) -> None:
+def inspect_command(path: str, variant: str | None, revision: str | None, subfolder: str | None, repo_type: str,
+                    token: str | None, list_tensors: bool, as_json: bool) -> None:
     """Show what the checkpoint at PATH holds, from its headers alone.
 
-    PATH is a .safetensors/.bin/.pt file, an *.index.json file, or a folder holding one.
+    PATH is a .safetensors/.bin/.pt file, an *.index.json file, a folder holding one, or a Hub repo id
+    (org/name) when no such local path exists; a repo's shard headers are read with HTTP range requests.
     """
-    checkpoint = open_checkpoint(path, variant=variant)
+    if not os.path.exists(path) and looks_like_repo_id(path):
+        from ..hub.remote import open_remote_checkpoint
+
+        checkpoint = open_remote_checkpoint(path, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
+    else:
+        checkpoint = open_checkpoint(path, variant=variant)
     summary = summarize(checkpoint)
     if list_tensors:
         summary["tensor_list"] = [

@@ -38,51 +38,64 @@ def parse_header_length(path: str, prefix: bytes, file_size: int) -> int:
     return length
 
 
-def parse_header(path: str, raw: bytes, file_size: int) -> tuple[FileInfo, list[TensorEntry]]:
+def parse_header(
+    path: str, raw: bytes, file_size: int, *, problems: list[CheckpointError] | None = None
+) -> tuple[FileInfo, list[TensorEntry]] | None:
     """Validate a header's JSON (``raw`` = bytes ``[8, 8 + N)``) and return its file info and entries.
 
     Entries come in file order (by data offset), which is the order ``safetensors.torch.load_file`` yields.
-    Raises :class:`CheckpointError` with a ``sf-*`` code on the first rule broken.
+    Raises :class:`CheckpointError` with a ``sf-*`` code on the first rule broken, unless ``problems`` is a list:
+    then every rule broken is appended to it and parsing goes on as far as it can (see :func:`header_problems`).
     """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CheckpointError(path, f"header is not valid UTF-8 (byte {exc.start})", code="sf-header-not-utf8") from None
+        return _broken(problems, CheckpointError(path, f"header is not valid UTF-8 (byte {exc.start})", code="sf-header-not-utf8"))
     try:
         header = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise CheckpointError(path, f"header is not valid JSON: {exc}", code="sf-header-json") from None
+        return _broken(problems, CheckpointError(path, f"header is not valid JSON: {exc}", code="sf-header-json"))
     if not isinstance(header, dict):
-        raise CheckpointError(path, "header is not a JSON object", code="sf-header-json")
+        return _broken(problems, CheckpointError(path, "header is not a JSON object", code="sf-header-json"))
 
     metadata = header.pop("__metadata__", None)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise CheckpointError(path, "__metadata__ must map strings to strings", code="sf-bad-metadata")
+            _broken(problems, CheckpointError(path, "__metadata__ must map strings to strings", code="sf-bad-metadata"))
+            metadata = None
 
     data_start = 8 + len(raw)
-    parsed = []
+    parsed, spans = [], []  # spans: byte ranges for the coverage rule, those of broken entries included
     for name, info in header.items():
-        dtype, shape, begin, end = _entry_fields(path, name, info)
+        try:
+            dtype, shape, begin, end = _entry_fields(path, name, info)
+        except CheckpointError as exc:
+            _broken(problems, exc)
+            spans += _usable_range(name, info)
+            continue
+        spans.append((begin, end, name))
         expected = nbytes_of(dtype, shape)
         if expected is None:
-            raise CheckpointError(path, f"tensor {name!r}: {dtype} {list(shape)} does not fill whole bytes", code="sf-size-mismatch")
+            _broken(problems, CheckpointError(path, f"tensor {name!r}: {dtype} {list(shape)} does not fill whole bytes", code="sf-size-mismatch"))
+            continue
         if end - begin != expected:
-            raise CheckpointError(
+            _broken(problems, CheckpointError(
                 path,
                 f"tensor {name!r}: byte range [{begin}, {end}) holds {end - begin} bytes but {dtype} {list(shape)} needs {expected}",
                 code="sf-size-mismatch",
-            )
+            ))
+            continue
         parsed.append((begin, end, name, dtype, shape))
 
     parsed.sort(key=lambda item: (item[0], item[1]))
+    spans.sort()
     position = 0
-    for begin, end, name, _, _ in parsed:
+    for begin, end, name in spans:
         if begin != position:
             what = "leaves a gap before it" if begin > position else "overlaps the previous tensor"
-            raise CheckpointError(
+            _broken(problems, CheckpointError(
                 path, f"tensor {name!r} starts at data offset {begin}, expected {position}: it {what}", code="sf-offsets"
-            )
+            ))
         position = end
     data_size = file_size - data_start
     if position != data_size:
@@ -92,7 +105,7 @@ def parse_header(path: str, raw: bytes, file_size: int) -> tuple[FileInfo, list[
         else:
             problem = f"{data_size - position} bytes after the last tensor that no tensor covers"
             code = "sf-trailing-bytes"
-        raise CheckpointError(path, problem, code=code)
+        _broken(problems, CheckpointError(path, problem, code=code))
 
     entries = [
         TensorEntry(name=name, dtype=dtype, shape=shape, nbytes=end - begin, file=path, offset=data_start + begin)
@@ -107,6 +120,27 @@ def parse_header(path: str, raw: bytes, file_size: int) -> tuple[FileInfo, list[
         header_size=len(raw),
     )
     return info, entries
+
+
+def header_problems(path: str, raw: bytes, file_size: int) -> list[CheckpointError]:
+    """Every rule of the format the header ``raw`` breaks, in the order :func:`parse_header` checks them."""
+    problems: list[CheckpointError] = []
+    parse_header(path, raw, file_size, problems=problems)
+    return problems
+
+
+def _usable_range(name: str, info: object) -> list[tuple[int, int, str]]:
+    """The byte range of an entry that broke another rule, if its offsets alone are sound."""
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]:
+        return [(offsets[0], offsets[1], name)]
+    return []
+
+
+def _broken(problems: list[CheckpointError] | None, error: CheckpointError) -> None:
+    if problems is None:
+        raise error
+    problems.append(error)
 
 
 def _entry_fields(path: str, name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:

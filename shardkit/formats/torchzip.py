@@ -39,9 +39,12 @@ class Record:
     size: int
 
 
-def zip_records(path: str, handle: BinaryIO) -> dict[str, Record]:
-    """Every member of the zip with the absolute offset of its data; refuses compressed or out-of-file members."""
-    file_size = os.fstat(handle.fileno()).st_size
+def zip_records(path: str, handle: BinaryIO, size: int | None = None) -> dict[str, Record]:
+    """Every member of the zip with the absolute offset of its data; refuses compressed or out-of-file members.
+
+    ``size`` is the file's size, for handles without a file descriptor (a remote file read by ranges).
+    """
+    file_size = os.fstat(handle.fileno()).st_size if size is None else size
     try:
         archive = zipfile.ZipFile(handle)
         infos = archive.infolist()
@@ -67,7 +70,7 @@ def zip_records(path: str, handle: BinaryIO) -> dict[str, Record]:
     return records
 
 
-def read_torch_zip(path: str, handle: BinaryIO | None = None) -> tuple[FileInfo, list[TensorEntry]]:
+def read_torch_zip(path: str, handle: BinaryIO | None = None, size: int | None = None) -> tuple[FileInfo, list[TensorEntry]]:
     """Read a torch zip checkpoint's tensors without reading their data.
 
     Returns entries in the pickle's key order. Tensors with exactly the same bytes (tied weights) become aliases
@@ -77,8 +80,8 @@ def read_torch_zip(path: str, handle: BinaryIO | None = None) -> tuple[FileInfo,
     if own:
         handle = open(path, "rb")
     try:
-        size = os.fstat(handle.fileno()).st_size
-        records = zip_records(path, handle)
+        size = os.fstat(handle.fileno()).st_size if size is None else size
+        records = zip_records(path, handle, size)
         prefix = _archive_prefix(path, records)
         byteorder = records.get(f"{prefix}byteorder")
         if byteorder is not None and _read(handle, byteorder) != b"little":

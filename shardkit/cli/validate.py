@@ -1,0 +1,78 @@
+"""``shardkit validate TARGET``: exit 0 when sound, 1 when errors were found, 2 when TARGET can't be read."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..sizes import format_size
+from . import emit_json
+
+
+@click.command("validate")
+@click.argument("target")
+@click.option("--revision", help="Hub repo: branch, tag or commit (default main). Local HF cache folder: the snapshot.")
+@click.option("--subfolder", help="Validate the checkpoint in this subfolder of the folder or repo.")
+@click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends.")
+@click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True, help="Hub repo type.")
+@click.option("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
+@click.option("--deep", is_flag=True, help="Also read tensor data: NaN/Inf counts, all-zero tensors (downloads a Hub repo's checkpoint).")
+@click.option("--checksums", type=click.Path(dir_okay=False), help="Per-tensor SHA-256 manifest: compared if FILE exists, else written.")
+@click.option(
+    "--model-config",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[PATH]",
+    help="Build the model from this config.json on the meta device and compare names and shapes. Alone (after "
+    "TARGET): the config.json beside the checkpoint.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def validate_command(target, revision, subfolder, variant, repo_type, token, deep, checksums, model_config, as_json) -> None:
+    """Check that TARGET is a sound checkpoint and report every problem found.
+
+    TARGET is a .safetensors/.bin file, an *.index.json file, a folder holding a checkpoint, or a Hub repo id
+    (org/name) when no such local path exists. Only headers are read (a Hub repo's shards through HTTP range
+    requests) unless --deep or --checksums asks for tensor data.
+    """
+    from ..validation import validate
+
+    report = validate(
+        target,
+        revision=revision,
+        subfolder=subfolder,
+        variant=variant,
+        repo_type=repo_type,
+        token=token,
+        deep=deep,
+        checksums=checksums,
+        model_config=model_config,
+    )
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(render(report))
+    sys.exit(0 if report.ok else 1)
+
+
+def render(report) -> str:
+    """Findings grouped by severity, then a one-line verdict."""
+    lines = []
+    for title, findings in (("errors", report.errors), ("warnings", report.warnings)):
+        if not findings:
+            continue
+        lines.append(f"{title} ({len(findings)})")
+        for f in findings:
+            where = " ".join(part for part in (f.file, f"[{f.tensor}]" if f.tensor else None) if part)
+            lines.append(f"  {f.code:<22} {where + ': ' if where else ''}{f.message}")
+        lines.append("")
+    scope = f"{report.files_checked} files, {report.tensors_checked} tensors"
+    if report.bytes_downloaded:
+        scope += f", {format_size(report.bytes_downloaded)} downloaded"
+    if report.checksums_written:
+        scope += f", checksums written to {report.checksums_written}"
+    counts = f"{len(report.errors)} errors, {len(report.warnings)} warnings"
+    verdict = {"sound": "SOUND", "sound-with-warnings": "SOUND (with warnings)", "broken": "BROKEN"}[report.verdict]
+    lines.append(f"{verdict}: {report.target} ({report.checkpoint}): {counts}; {scope}")
+    return "\n".join(lines)

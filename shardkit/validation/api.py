@@ -1,0 +1,119 @@
+"""``shardkit.validate()``: prove that a local checkpoint or a Hub repo is sound, from headers alone by default."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import CheckpointError, HubError
+from ..hub.remote import looks_like_repo_id
+from ..naming import pick_checkpoint
+from ..reader import _resolve_cache_repo
+from .checks import check_checkpoint
+from .report import Report
+from .sources import LocalFolder
+
+
+def validate(
+    target: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    repo_type: str = "model",
+    token: str | bool | None = None,
+    deep: bool = False,
+    checksums: str | os.PathLike | None = None,
+    model_config: str | os.PathLike | bool | None = None,
+) -> Report:
+    """Check the checkpoint at ``target`` and return every problem found as a :class:`Report`.
+
+    ``target`` is a checkpoint file, an index file, a folder (or Hugging Face cache folder) holding one, or a Hub
+    repo id ``org/name`` (when no such local path exists; ``revision``, ``subfolder``, ``repo_type`` and
+    ``token`` apply to it, the token defaulting to huggingface_hub's usual places). Only headers are read unless
+    ``deep`` (tensor data: NaN/Inf/all-zero) or ``checksums`` (a manifest of per-tensor SHA-256: compared when the
+    file exists, written otherwise) asks for data; for a Hub repo these download the checkpoint files first.
+    ``model_config`` (a config.json path, or True for the config.json beside the checkpoint) builds the model on
+    the meta device with transformers and compares parameter names and shapes.
+
+    Problems of the checkpoint become findings; only a target that cannot be read at all raises: a
+    :class:`~shardkit.errors.CheckpointError` for no such path or no checkpoint in it, a
+    :class:`~shardkit.errors.HubError` for a missing or gated repo, no access or no network.
+    """
+    label = os.fspath(target)
+    local = Path(label)
+    if not local.exists() and looks_like_repo_id(label):
+        from ..hub.remote import HubRepo
+
+        try:
+            source = HubRepo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+        except HubError as exc:
+            if exc.code == "repo-not-found":  # maybe a mistyped local path
+                raise HubError(f"{exc}; nor is there a local file or folder {label!r}", code=exc.code) from None
+            raise
+        selected, whole_folder = _select(source, label, variant), True
+    else:
+        source, selected, whole_folder = _locate_local(local, subfolder, variant, revision)
+
+    report = Report(target=label, checkpoint=selected)
+    checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
+    unchecked = {f.file for f in report.findings if f.code == "not-checked"}
+    if (checkpoint is not None or unchecked) and (deep or checksums):
+        from .deep import check_data
+
+        folder = getattr(source, "folder", None)
+        if folder is None:  # a Hub repo: the data checks need the files
+            folder, checkpoint, local = source.download(selected)
+            # Files that could not be checked remotely (legacy torch) were checked in the downloaded copy.
+            report.findings = [f for f in report.findings if f.code != "not-checked"]
+            report.findings += [f for f in local.findings if f.file in unchecked]
+        if checkpoint is not None:
+            check_data(checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder)
+    if checkpoint is not None and model_config:
+        from .model import check_model
+
+        config = _config_path(source, model_config)
+        try:
+            check_model(checkpoint, config, report)
+        finally:
+            if config and getattr(source, "folder", None) is None and model_config in (True, "auto"):
+                shutil.rmtree(os.path.dirname(config), ignore_errors=True)  # fetched from the Hub into a temp folder
+    report.bytes_downloaded = source.bytes_downloaded
+    return report
+
+
+def _locate_local(path: Path, subfolder: str | None, variant: str | None, revision: str | None):
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder (nor a Hub repo id org/name)", code="missing-file")
+    if path.is_dir():
+        folder = _resolve_cache_repo(path, revision or "main")
+        if subfolder:
+            folder = folder / subfolder
+        source = LocalFolder(folder)
+        return source, _select(source, str(folder), variant), True
+    # A file: an index is checked with its folder, a single checkpoint file on its own.
+    source = LocalFolder(path.parent)
+    source.label = str(path)
+    return source, path.name, path.name.endswith(".json")
+
+
+def _select(source, label: str, variant: str | None) -> str:
+    try:
+        selected = pick_checkpoint(list(source.listing()), variant)
+    except ValueError as exc:
+        raise CheckpointError(label, f"holds several checkpoints ({exc}); pass the file or index to validate", code="ambiguous") from None
+    if selected is None:
+        what = f" for variant {variant!r}" if variant else ""
+        raise CheckpointError(label, f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
+    return selected
+
+
+def _config_path(source, model_config) -> str | None:
+    """The config.json to build the model from: the one given, or the one beside the checkpoint."""
+    if model_config is not True and str(model_config) != "auto":
+        return os.fspath(model_config)
+    if hasattr(source, "fetch_config"):
+        return source.fetch_config()
+    path = Path(source.folder) / "config.json"
+    return str(path) if path.is_file() else None
