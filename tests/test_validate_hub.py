@@ -435,3 +435,33 @@ def test_remote_header_rules_match_local(hub, tmp_path):
     assert [c for c, _ in remote_findings] == ["sf-unknown-dtype", "sf-size-mismatch", "sf-truncated"]
     assert remote_findings == [(f.code, f.message) for f in validate(tmp_path / "repo").findings]
     assert remote.PREFIX == 100_000
+
+
+@pytest.mark.parametrize("command", ["split", "convert"])
+def test_split_and_convert_take_a_repo_id(hub, tmp_path, command):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    state = tied_state_dict()
+    if command == "split":
+        save_sharded(state, folder, 800)
+    else:
+        save_bin(state, folder / "pytorch_model.bin")
+    (folder / "README.md").write_text("# tied\n")
+    hub.add_folder("org/src", folder)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [command, "org/src", str(out), "--quiet", "--revision", "main"] + (["--max-shard-size", "400"] if command == "split" else []))
+    assert result.exit_code == 0, result.output
+    loaded = {}
+    for path in sorted(out.glob("*.safetensors")):
+        loaded.update(load_file(str(path)))
+    assert set(loaded) | {"model.embed_tokens.weight"} == set(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    assert not any("README" in r for r in hub.requests if r.startswith("GET /cdn/"))
+
+
+def test_split_of_a_missing_repo_is_one_line(hub, tmp_path):
+    result = CliRunner().invoke(main, ["split", "org/nothing", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "org/nothing" in result.output and "Traceback" not in result.output

@@ -15,7 +15,11 @@ def write_options(command):
         click.option("--format", "fmt", type=click.Choice(["safetensors", "bin"]), default="safetensors", show_default=True,
                      help="Output format: .safetensors files or torch .bin zips."),
         click.option("--dtype", help="Cast floating tensors to bf16, fp16 or fp32 (goes through torch one tensor at a time)."),
-        click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends in a SRC folder."),
+        click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends in a SRC folder or repo."),
+        click.option("--revision", help="Branch, tag or commit when SRC is a Hub repo id (org/name)."),
+        click.option("--subfolder", help="Folder inside the Hub repo that holds the checkpoint."),
+        click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True),
+        click.option("--token", help="Hub token (default: HF_TOKEN or the token huggingface_hub stored)."),
         click.option("--overwrite", is_flag=True, help="Replace the checkpoint in a non-empty DST (its stale shards are removed)."),
         click.option("--verify", is_flag=True, help="Read every written tensor back and compare it with its source."),
         click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, tensor counts) and write nothing."),
@@ -33,17 +37,35 @@ def write_options(command):
 @click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
               help="Largest shard: 5GB, 5GiB, 500MB or a number of bytes. A larger tensor gets a shard of its own.")
 @write_options
-def split_command(src, dst, max_shard_size, fmt, dtype, variant, overwrite, verify, dry_run, as_json, quiet) -> None:
+def split_command(src, dst, max_shard_size, fmt, dtype, variant, revision, subfolder, repo_type, token, overwrite, verify,
+                  dry_run, as_json, quiet) -> None:
     """Reshard the checkpoint at SRC into the folder DST, packed like huggingface_hub in key order.
 
-    SRC is a .safetensors/.bin file, an *.index.json or a folder. Contiguous tensors are copied as byte ranges
-    (torch is never imported unless --dtype or a non-contiguous/legacy source needs it). DST appears atomically.
+    SRC is a .safetensors/.bin file, an *.index.json, a folder, or a Hub repo id (org/name: only its checkpoint
+    files are downloaded, into the Hugging Face cache). Contiguous tensors are copied as byte ranges (torch is
+    never imported unless --dtype or a non-contiguous/legacy source needs it). DST appears atomically.
     """
     from ..resharding import split
 
+    src = local_source(src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token, quiet=quiet)
     summary = split(src, dst, max_shard_size=max_shard_size, format=fmt, dtype=dtype, overwrite=overwrite, verify=verify,
                     dry_run=dry_run, progress=not quiet and not as_json, variant=variant)
     report(summary, as_json)
+
+
+def local_source(src: str, *, revision, subfolder, variant, repo_type, token, quiet: bool) -> str:
+    """``src`` itself when it exists locally; a Hub repo id's checkpoint files downloaded into the cache otherwise."""
+    import os
+
+    from ..hub.remote import looks_like_repo_id
+
+    if os.path.exists(src) or not looks_like_repo_id(src):
+        return src
+    from ..hub import download_checkpoint
+
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return str(download_checkpoint(src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token))
 
 
 def report(summary: WriteSummary, as_json: bool) -> None:
