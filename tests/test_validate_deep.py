@@ -60,7 +60,8 @@ def test_checksums_written_then_compared(tmp_path):
     assert report.findings == [] and report.checksums_written == str(manifest)
     written = json.loads(manifest.read_text())["tensors"]
     assert written["embed.weight"]["sha256"] == hashlib.sha256(tensor_bytes(state["embed.weight"])).hexdigest()
-    assert validate(tmp_path / "model.safetensors", checksums=manifest).findings == []
+    again = validate(tmp_path / "model.safetensors", checksums=manifest)
+    assert again.findings == [] and again.checksums_matched == len(state) and again.checksums_written is None
 
     # The same tensors saved as a .bin (different layout, same bytes) match the manifest.
     save_bin(state, tmp_path / "pytorch_model.bin")

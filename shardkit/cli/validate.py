@@ -72,6 +72,8 @@ def render(report) -> str:
         scope += f", {format_size(report.bytes_downloaded)} downloaded"
     if report.checksums_written:
         scope += f", checksums written to {report.checksums_written}"
+    if report.checksums_matched is not None:
+        scope += f", {report.checksums_matched} tensors match the checksum manifest"
     counts = f"{len(report.errors)} errors, {len(report.warnings)} warnings"
     verdict = {"sound": "SOUND", "sound-with-warnings": "SOUND (with warnings)", "broken": "BROKEN"}[report.verdict]
     lines.append(f"{verdict}: {report.target} ({report.checkpoint}): {counts}; {scope}")

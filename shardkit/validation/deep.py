@@ -146,3 +146,4 @@ def _manifest(report: Report, path: str, digests: dict[str, dict]) -> None:
     for name in digests:
         if name not in expected:
             report.add("checksum-unlisted", "not in the manifest.", file=path, tensor=name)
+    report.checksums_matched = sum(1 for name, sha in expected.items() if name in digests and digests[name]["sha256"] == sha)

@@ -116,6 +116,7 @@ class Report:
     tensors_checked: int = 0
     bytes_downloaded: int = 0
     checksums_written: str | None = None
+    checksums_matched: int | None = None  # tensors whose SHA-256 equals the --checksums manifest's
 
     def add(self, code: str, message: str, *, file: str | None = None, tensor: str | None = None) -> None:
         """Record a finding; its severity comes from :data:`CODES` (a code missing there counts as an error)."""
@@ -156,5 +157,6 @@ class Report:
             "tensors_checked": self.tensors_checked,
             "bytes_downloaded": self.bytes_downloaded,
             "checksums_written": self.checksums_written,
+            "checksums_matched": self.checksums_matched,
             "findings": [f.to_dict() for f in self.findings],
         }
