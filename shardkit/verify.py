@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .copy import same_bytes
+from .copy import BUFFER_SIZE, same_bytes
 from .errors import OutputError
 from .formats import open_file
 from .planning import Plan
@@ -38,7 +38,7 @@ def verify_plan(plan: Plan, folder: str, sources: Sources, progress=lambda n: No
                     _fail(planned.name, f"tensor {tensor.name!r} is {entry.dtype} {list(entry.shape)}, planned {tensor.dtype} {list(tensor.shape)}")
                 if tensor.materialize:
                     value = materialize(tensor, sources)  # kept alive while its bytes are compared
-                    equal = os.pread(out_fd, tensor.nbytes, entry.offset) == tensor_bytes(value)
+                    equal = _equals_file(tensor_bytes(value), out_fd, entry.offset)
                 else:
                     source = tensor.source
                     equal = same_bytes(sources.fd(source.file), source.offset, out_fd, entry.offset, tensor.nbytes, source.file, path)
@@ -47,6 +47,15 @@ def verify_plan(plan: Plan, folder: str, sources: Sources, progress=lambda n: No
                 progress(tensor.nbytes)
         finally:
             os.close(out_fd)
+
+
+def _equals_file(data: memoryview, fd: int, offset: int) -> bool:
+    """Whether the file holds ``data`` at ``offset``, read one buffer at a time."""
+    for start in range(0, len(data), BUFFER_SIZE):
+        chunk = data[start : start + BUFFER_SIZE]
+        if os.pread(fd, len(chunk), offset + start) != chunk.tobytes():
+            return False
+    return True
 
 
 def _fail(file_name: str, problem: str) -> None:

@@ -9,6 +9,7 @@ tensor at a time, so peak memory is one copy buffer plus the largest such tensor
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import zlib
 from dataclasses import dataclass
@@ -174,6 +175,7 @@ def materialize(tensor: PlannedTensor, sources: Sources):
     from .dtypes import torch_dtype
     from .tensors import load_tensor
 
+    _return_large_blocks()
     source = tensor.source
     handle = None
     if source.offset is not None or source.storage is not None:
@@ -204,6 +206,20 @@ def _write_materialized(fd: int, offset: int, tensor: PlannedTensor, sources: So
         raise AssertionError(f"{tensor.name}: materialized {len(data)} bytes, planned {tensor.nbytes}")
     write_all(fd, data, offset)
     return zlib.crc32(data)
+
+
+@functools.cache
+def _return_large_blocks() -> None:
+    """Have glibc serve blocks over 4 MiB with mmap and unmap them when freed.
+
+    Otherwise its adaptive threshold moves large frees into the heap, where blocks of one tensor's size are not
+    reused for the next one: materializing 32 MiB tensors one by one measured 3x one tensor's worth of extra
+    peak RSS instead of 1.5x.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD; fixing it disables the adaptation
+    except (AttributeError, OSError):
+        pass  # not glibc
 
 
 def _serialization_id(planned: PlannedFile) -> bytes:
