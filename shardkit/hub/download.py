@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import CheckpointError
 
 
 def download_checkpoint(
@@ -28,17 +27,12 @@ def download_checkpoint(
     :class:`~shardkit.errors.HubError` when the repo can't be reached and :class:`CheckpointError` when it
     holds no checkpoint.
     """
-    from ..naming import INDEX_RE, pick_checkpoint
+    from ..naming import INDEX_RE
     from ..reader import read_index
     from .remote import HubRepo
 
     repo = HubRepo(repo_id, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
-    try:
-        selected = pick_checkpoint(list(repo.listing()), variant)
-    except ValueError as exc:
-        raise CheckpointError(repo.label, f"holds several checkpoints ({exc})", code="ambiguous") from None
-    if selected is None:
-        raise CheckpointError(repo.label, "holds no checkpoint (no .safetensors, .bin or index file)", code="no-checkpoint")
+    selected = repo.select_checkpoint(variant)
     folder, _ = fetch_files(repo, [selected])
     if INDEX_RE.match(selected):  # the cached index names the shards: nothing is fetched twice
         shards = sorted(set(read_index(folder / selected).weight_map.values()))

@@ -176,6 +176,16 @@ class HubRepo:
         raw, size = self._broken_headers.pop(name)
         return header_problems(name, raw, size)
 
+    def select_checkpoint(self, variant: str | None = None) -> str:
+        """The file or index transformers would load from this repo (``variant`` applied); CheckpointError if none."""
+        try:
+            selected = pick_checkpoint(list(self.listing()), variant)
+        except ValueError as exc:
+            raise CheckpointError(self.label, f"holds several checkpoints ({exc})", code="ambiguous") from None
+        if selected is None:
+            raise CheckpointError(self.label, "holds no checkpoint (no .safetensors, .bin or index file)", code="no-checkpoint")
+        return selected
+
     def checkpoint_files(self, selected: str) -> list[str]:
         """The files that make up the checkpoint ``selected``: the index and its shards, or the single file."""
         if not INDEX_RE.match(selected):
@@ -279,12 +289,7 @@ def open_remote_checkpoint(repo_id: str, *, revision: str | None = None, subfold
     Raises like :func:`shardkit.open_checkpoint` on the first problem; use :func:`shardkit.validate` to list all.
     """
     repo = HubRepo(repo_id, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
-    try:
-        selected = pick_checkpoint(list(repo.listing()), variant)
-    except ValueError as exc:
-        raise CheckpointError(repo.label, f"holds several checkpoints ({exc})", code="ambiguous") from None
-    if selected is None:
-        raise CheckpointError(repo.label, "holds no checkpoint (no .safetensors, .bin or index file)", code="no-checkpoint")
+    selected = repo.select_checkpoint(variant)
     if not INDEX_RE.match(selected):
         info, entries = repo.open_file(selected)
         checkpoint = Checkpoint(source=repo.label, format=info.format, entries={}, files=[info], root="")
