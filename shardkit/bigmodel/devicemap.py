@@ -94,13 +94,8 @@ def resolve_device_map(model, device_map, max_memory=None, no_split_module_class
 
 def device_for(name: str, device_map: dict):
     """The device ``device_map`` gives tensor or module ``name``: the entry of its longest covering key, or None."""
-    probe = name
-    while True:
-        if probe in device_map:
-            return device_map[probe]
-        if not probe:
-            return None
-        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+    key = covering_key(name, device_map)
+    return None if key is None else device_map[key]
 
 
 def check_device_map(model, device_map: dict) -> None:
@@ -127,3 +122,40 @@ def _check_device(key: str, device) -> None:
     if isinstance(device, str) and (device in ("cpu", "disk", "meta") or device.startswith("cuda")):
         return
     raise UsageError(f"device_map gives {key!r} the device {device!r}: use a GPU index, 'cuda:N', 'cpu' or 'disk'")
+
+
+def covering_key(name: str, device_map: dict) -> str | None:
+    """The longest key of ``device_map`` that covers ``name`` (the block ``name`` belongs to), or None."""
+    probe = name
+    while True:
+        if probe in device_map:
+            return probe
+        if not probe:
+            return None
+        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+
+
+def block_module(key: str, module_names) -> str:
+    """The module whose forward a block runs in: the key itself, or the owner of a tensor key."""
+    if key in module_names:
+        return key
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def main_device(device_map: dict | None):
+    """Where offloaded blocks run: the first GPU the map uses, else the CPU (accelerate's choice)."""
+    import torch
+
+    for device in (device_map or {}).values():
+        if device not in ("cpu", "disk", "meta"):
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu")
+
+
+def torch_device(device):
+    """A map's device value as ``torch.device`` (``"disk"`` stays the string)."""
+    import torch
+
+    if device == "disk":
+        return device
+    return torch.device(f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device)
