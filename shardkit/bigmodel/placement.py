@@ -184,9 +184,12 @@ def plan(
     gpus = [d for d in max_memory if d not in ("cpu", "disk")]
     main = gpus[0] if gpus else "cpu"
 
+    position = {name: i for i, name in enumerate(_preorder(root))}
+
     def run(reserve):
         result = greedy(root, sizes, max_memory, no_split, tied, reserve, verbose)
-        return clean_device_map(result) if clean else result
+        result = clean_device_map(result) if clean else result
+        return {k: result[k] for k in sorted(result, key=lambda k: position.get(k, len(position)))}
 
     if match_accelerate:
         return run({main: 1, "cpu": 1})
@@ -198,6 +201,12 @@ def plan(
     if gpus and "disk" in device_map.values():
         device_map = run({main: STAGING_SLOTS, "cpu": STAGING_SLOTS})
     return device_map
+
+
+def _preorder(node: Node):
+    yield node.name
+    for child in node.children:
+        yield from _preorder(child)
 
 
 def clean_device_map(device_map: dict, module: str = "") -> dict:

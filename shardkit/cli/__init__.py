@@ -17,6 +17,7 @@ from ..errors import ShardkitError
 #: name -> (module, attribute, one-line help). Add a command here and in its own module.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("shardkit.cli.inspect", "inspect_command", "Show what a checkpoint holds: tensors, dtypes, files, aliases."),
+    "plan": ("shardkit.cli.plan", "plan_command", "Plan a device map (GPUs, CPU, disk) for a checkpoint and show each device's bytes."),
 }
 
 
