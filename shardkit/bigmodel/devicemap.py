@@ -135,11 +135,20 @@ def covering_key(name: str, device_map: dict) -> str | None:
         probe = probe.rsplit(".", 1)[0] if "." in probe else ""
 
 
-def block_module(key: str, module_names) -> str:
-    """The module whose forward a block runs in: the key itself, or the owner of a tensor key."""
-    if key in module_names:
-        return key
-    return key.rsplit(".", 1)[0] if "." in key else ""
+def block_module(key: str, tensor: str, modules: dict) -> str:
+    """The module whose forward runs the block of ``key`` that holds ``tensor``: the key itself (the owner of a
+    tensor key), or, for containers that are never called (``ModuleList``, ``ModuleDict``), the child on the path to
+    ``tensor``, so a key like ``model.layers`` becomes one block per layer."""
+    from torch import nn
+
+    name = key if key in modules else (key.rsplit(".", 1)[0] if "." in key else "")
+    while type(modules[name]).forward is nn.Module.forward:
+        rest = tensor[len(name) + 1 :] if name else tensor
+        child = f"{name}.{rest.split('.', 1)[0]}" if name else rest.split(".", 1)[0]
+        if child not in modules:
+            break
+        name = child
+    return name
 
 
 def main_device(device_map: dict | None):

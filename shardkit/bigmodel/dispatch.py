@@ -59,7 +59,7 @@ def dispatch_model(
     groups: dict[str, tuple[object, list[Target]]] = {}
     for target in model_tensors(model):
         key = covering_key(target.names[0], device_map)
-        name = block_module(key, modules)
+        name = block_module(key, target.names[0], modules)
         device = torch_device(device_map[key])
         previous = groups.get(name)
         if previous is not None and previous[0] != device:

@@ -160,10 +160,10 @@ def load_checkpoint_in_model(
         warnings.warn(f"{checkpoint.source}: {'; '.join(problems)} (missing ones keep their initial values)", stacklevel=2)
 
     loaded = [t for t in targets if t.entry is not None]
-    modules = set(dict(model.named_modules()))
+    modules = dict(model.named_modules())
     for t in targets:
         key = covering_key(t.names[0], device_map) if device_map else ""
-        t.block = block_module(key, modules) if key is not None else ""
+        t.block = block_module(key, t.names[0], modules) if key is not None else ""
     pin = torch.cuda.is_available() and main.type == "cuda"
     host = _allocate(loaded, pin)
     store = _stream(checkpoint, loaded, offload_folder)

@@ -96,6 +96,7 @@ class OffloadStore:
         """Write the index into the folder atomically (paths inside the folder are stored relative)."""
         if self.folder is None:
             return
+        os.makedirs(self.folder, exist_ok=True)
         rel = lambda f: os.path.relpath(f, self.folder) if os.path.dirname(os.path.abspath(f)) == os.path.abspath(self.folder) else f  # noqa: E731
         data = {
             "format": INDEX_FORMAT,
