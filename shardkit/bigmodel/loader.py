@@ -254,7 +254,17 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
             if source_dtype == t.dtype:
                 return lambda chunk, start: writer.write_at(t.names[0], start, chunk.numpy())
             scale = t.dtype.itemsize / source_dtype.itemsize
-            return lambda chunk, start: writer.write_at(t.names[0], int(start * scale), chunk.view(source_dtype).to(t.dtype).view(torch.uint8).numpy())
+
+            def cast_and_write(chunk, start):
+                # one reusable cast buffer: per-chunk temporaries would fragment the heap and grow the RSS
+                count = chunk.numel() // source_dtype.itemsize
+                buffer = scratch.get(t.dtype)
+                if buffer is None or buffer.numel() < count:
+                    buffer = scratch[t.dtype] = torch.empty(count, dtype=t.dtype)
+                buffer[:count].copy_(chunk.view(source_dtype))
+                writer.write_at(t.names[0], int(start * scale), slab.as_bytes(buffer[:count]).numpy())
+
+            return cast_and_write
         flat, raw = t.dest.reshape(-1), slab.as_bytes(t.dest)
         if source_dtype == t.dtype:
             return lambda chunk, start: raw[start : start + chunk.numel()].copy_(chunk, non_blocking=True)
@@ -262,6 +272,7 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
         return lambda chunk, start: flat[start // size : (start + chunk.numel()) // size].copy_(chunk.view(source_dtype), non_blocking=True)
 
     jobs, job_sinks = [], []
+    scratch: dict = {}
     try:
         for name in order:
             entry = checkpoint.entries[name]
