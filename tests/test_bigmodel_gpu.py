@@ -75,7 +75,6 @@ def test_cpu_tier_is_pinned_once_and_gpu_memory_is_two_blocks(saved):
     streamer = model._shardkit_streamer
     layer = model.model.layers[0]
     assert layer.mlp.up_proj.weight.device.type == "cpu" and layer.mlp.up_proj.weight.is_pinned()
-    largest = max(b.nbytes for b in streamer.owner if b is not None) if any(streamer.owner) else None
     slab_bytes = sum(s.numel() for s in streamer.slabs)
     block = max(sum(p.numel() * p.element_size() for p in m.parameters()) for m in [*model.model.layers, model.lm_head])
     assert slab_bytes <= 2 * (block + 256 * 16)
@@ -88,7 +87,6 @@ def test_cpu_tier_is_pinned_once_and_gpu_memory_is_two_blocks(saved):
     torch.cuda.synchronize()
     # nothing allocated for weights in the hot path: only activations on top of the preallocated slabs
     assert torch.cuda.max_memory_allocated() - before < block
-    del largest
 
 
 def test_load_straight_to_gpu_with_cast(saved, on_gpu):
@@ -101,7 +99,7 @@ def test_auto_map_under_a_gpu_cap_is_bitwise_equal(saved, on_gpu, tmp_path):
     x = ids()
     want = logits(on_gpu, x.cuda()).cpu()
     total = sum(p.numel() * 2 for p in empty().parameters())
-    model = load_checkpoint_and_dispatch(empty(), saved, device_map="auto", max_memory={0: total // 2, "cpu": total // 3}, offload_folder=tmp_path)
+    model = load_checkpoint_and_dispatch(empty(), saved, device_map="auto", max_memory={0: total // 2, "cpu": total // 2}, offload_folder=tmp_path)
     assert {0, "cpu", "disk"} <= set(model.hf_device_map.values())
     assert torch.equal(logits(model, x), want)
 

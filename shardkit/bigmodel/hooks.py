@@ -158,13 +158,6 @@ class Streamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
 
-    def forget(self, block: Block) -> None:
-        """Drop ``block`` from the slabs (after a failed forward its slab content is still valid, but be safe)."""
-        for i, owner in enumerate(self.owner):
-            if owner is block:
-                self._wait_pending(i)
-                self.owner[i] = None
-
     def close(self) -> None:
         for i in range(self.RING):
             try:

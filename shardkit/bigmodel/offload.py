@@ -13,6 +13,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import orjson
@@ -53,6 +54,7 @@ class OffloadStore:
         self.stamps = stamps
         self.folder = folder
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # reader threads open files concurrently
         self.verify()
 
     @classmethod
@@ -108,7 +110,10 @@ class OffloadStore:
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
     def read_into(self, path: str, offset: int, dest: memoryview) -> None:
