@@ -130,3 +130,14 @@ def test_balanced_over_two_gpus_plus_cpu_equals_one_gpu(saved, on_gpu):
     model = load_checkpoint_and_dispatch(empty(), saved, device_map="balanced", max_memory=max_memory)
     assert {0, 1} <= set(model.hf_device_map.values())
     assert torch.equal(logits(model, x), want)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_tied_head_and_embedding_offloaded_on_gpu(tier, tmp_path):
+    """GPT-2's LM head is its token embedding: both offloaded, each block stages its own view of the tensor."""
+    reference = build("gpt2")
+    folder = save(reference, tmp_path / "ckpt")
+    want = run(reference.cuda(), "gpt2").cpu()
+    device_map = {"transformer.wte": tier, "transformer.wpe": 0, "transformer.drop": 0, "transformer.h": tier, "transformer.ln_f": 0, "lm_head": tier}
+    model = load_checkpoint_and_dispatch(build("gpt2", empty=True), folder, device_map=device_map, offload_folder=tmp_path / "off")
+    assert torch.equal(run(model, "gpt2"), want)

@@ -147,6 +147,16 @@ def test_tied_embeddings_stay_tied(saved):
     assert torch.equal(run(model, "gpt2"), want)
 
 
+@pytest.mark.parametrize("wte,head", [("disk", "disk"), ("cpu", "disk"), ("disk", "cpu")])
+def test_weights_tied_across_offloaded_blocks(saved, wte, head, tmp_path):
+    """The LM head and the embedding share one tensor but run as two blocks: each block gets its own view."""
+    folder, want = saved["gpt2"]
+    device_map = {"transformer.wte": wte, "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h": "disk",
+                  "transformer.ln_f": "cpu", "lm_head": head}
+    model = load_checkpoint_and_dispatch(build("gpt2", empty=True), folder, device_map=device_map, offload_folder=tmp_path)
+    assert torch.equal(run(model, "gpt2"), want)
+
+
 def test_aliases_recorded_in_metadata_are_reloaded(tmp_path):
     """huggingface_hub stores a tied tensor once and records the dropped name in the index metadata; a model whose
     two names are separate tensors gets both filled from the one stored copy (strict: nothing is missing)."""

@@ -57,14 +57,17 @@ def dispatch_model(
 
     # Group every tensor into the block whose hook will manage it.
     groups: dict[str, tuple[object, list[Target]]] = {}
-    for target in model_tensors(model):
-        key = covering_key(target.names[0], device_map)
-        name = block_module(key, target.names[0], modules)
-        device = torch_device(device_map[key])
-        previous = groups.get(name)
-        if previous is not None and previous[0] != device:
-            raise UsageError(f"device_map puts tensors of module {name!r} on both {previous[0]} and {device}: give the module one device")
-        groups.setdefault(name, (device, []))[1].append(target)
+    def block_of(tensor_name: str) -> tuple[str, object]:
+        key = covering_key(tensor_name, device_map)
+        return block_module(key, tensor_name, modules), torch_device(device_map[key])
+
+    for whole in model_tensors(model):
+        # A tensor tied across blocks (embeddings and LM head) is given to each block that uses it.
+        for (name, device), target in whole.split(block_of).items():
+            previous = groups.get(name)
+            if previous is not None and previous[0] != device:
+                raise UsageError(f"device_map puts tensors of module {name!r} on both {previous[0]} and {device}: give the module one device")
+            groups.setdefault(name, (device, []))[1].append(target)
     names = sorted(groups, key=list(modules).index)
     outer = {n for n in names if any(o != n and (not n or o.startswith(n + ".")) for o in names)}
 

@@ -44,6 +44,21 @@ class Target:
     dtype: object = None
     block: str = ""
     dest: object = None
+    place_names: list = None  # the dotted name of each place
+
+    def split(self, key) -> dict:
+        """``{key(name): Target}`` holding only the places whose name maps to that key (tied weights used by
+        several blocks give each block its own view of the tensor)."""
+        parts: dict = {}
+        for place, name in zip(self.places, self.place_names):
+            part = parts.get(key(name))
+            if part is None:
+                part = parts[key(name)] = Target([], [], self.old, self.persistent, self.entry, self.device, self.dtype, self.block, self.dest, [])
+            if name not in part.names:
+                part.names.append(name)
+            part.places.append(place)
+            part.place_names.append(name)
+        return parts
 
 
 def model_tensors(model) -> list[Target]:
@@ -58,11 +73,12 @@ def model_tensors(model) -> list[Target]:
                 target = by_id.get(id(tensor))
                 if target is None:
                     persistent = is_param or attr not in module._non_persistent_buffers_set
-                    target = by_id[id(tensor)] = Target([], [], tensor, persistent)
+                    target = by_id[id(tensor)] = Target([], [], tensor, persistent, place_names=[])
                 name = dot + attr
                 if name not in target.names:
                     target.names.append(name)
                 target.places.append((module, attr, is_param))
+                target.place_names.append(name)
     return list(by_id.values())
 
 
