@@ -7,7 +7,7 @@ import pytest
 import torch
 from bigmodels import build, inputs, run, save
 
-from shardkit import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+from shardkit import init_empty_weights, load_checkpoint_and_dispatch
 
 pytestmark = pytest.mark.gpu
 

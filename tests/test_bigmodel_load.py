@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from bigmodels import build, inputs, run, save
+from bigmodels import build, run, save
 
 from shardkit import (
     CheckpointError,

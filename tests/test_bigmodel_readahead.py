@@ -48,11 +48,11 @@ def test_parallel_direct_reads_fill_destinations(tmp_path):
     from builders import save_safetensors
 
     from shardkit import open_checkpoint
-    from shardkit.bigmodel.loader import _read_direct
+    from shardkit.bigmodel.readahead import read_direct
 
     state = {f"t{i}": torch.randn(1000 + i) for i in range(7)}
     save_safetensors(state, tmp_path / "m.safetensors")
     checkpoint = open_checkpoint(tmp_path / "m.safetensors")
     dests = {name: torch.empty_like(t) for name, t in state.items()}
-    _read_direct([(checkpoint[name], dests[name].view(torch.uint8)) for name in state], piece=1024, threads=3)
+    read_direct([(checkpoint[name], dests[name].view(torch.uint8)) for name in state], piece=1024, threads=3)
     assert all(torch.equal(dests[n], state[n]) for n in state)

@@ -11,7 +11,8 @@ from ..errors import CheckpointError, UsageError
 from . import slab
 from .devicemap import block_module, check_device_map, covering_key, main_device as map_main_device, resolve_device_map, torch_device
 from .hooks import Block, Hook, Streamer
-from .loader import Target, load_checkpoint_in_model, model_tensors
+from .loader import load_checkpoint_in_model
+from .targets import Target, model_tensors
 from .offload import INDEX_NAME, OffloadStore, OffloadWriter, stamp
 
 

@@ -11,75 +11,24 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..dtypes import from_torch_dtype, torch_dtype
 from ..errors import CheckpointError, UsageError
 from ..reader import open_checkpoint
-from ..table import Checkpoint, TensorEntry
+from ..table import Checkpoint
 from ..tensors import load_tensor
 from . import slab
 from .devicemap import block_module, check_device_map, covering_key, device_for, main_device, torch_device
 from .offload import OffloadStore, OffloadWriter, Stored, stamp
-from .readahead import ReadAhead
+from .readahead import ReadAhead, read_direct
 from .sizes import as_torch_dtype
+from .targets import Target, model_tensors
 
 
 class LoadResult(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
-
-
-@dataclass(eq=False)
-class Target:
-    """One model tensor (all its names when tied) and where and how it is loaded."""
-
-    names: list[str]
-    places: list  # (module, attribute, is_parameter)
-    old: object
-    persistent: bool
-    entry: TensorEntry | None = None
-    device: object = None  # torch.device, or "disk"
-    dtype: object = None
-    block: str = ""
-    dest: object = None
-    place_names: list = None  # the dotted name of each place
-
-    def split(self, key) -> dict:
-        """``{key(name): Target}`` holding only the places whose name maps to that key (tied weights used by
-        several blocks give each block its own view of the tensor)."""
-        parts: dict = {}
-        for place, name in zip(self.places, self.place_names):
-            part = parts.get(key(name))
-            if part is None:
-                part = parts[key(name)] = Target([], [], self.old, self.persistent, self.entry, self.device, self.dtype, self.block, self.dest, [])
-            if name not in part.names:
-                part.names.append(name)
-            part.places.append(place)
-            part.place_names.append(name)
-        return parts
-
-
-def model_tensors(model) -> list[Target]:
-    """Every parameter and buffer of ``model`` once, with all the names and places it has (tied weights)."""
-    by_id: dict[int, Target] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for table, is_param in ((module._parameters, True), (module._buffers, False)):
-            for attr, tensor in table.items():
-                if tensor is None:
-                    continue
-                target = by_id.get(id(tensor))
-                if target is None:
-                    persistent = is_param or attr not in module._non_persistent_buffers_set
-                    target = by_id[id(tensor)] = Target([], [], tensor, persistent, place_names=[])
-                name = dot + attr
-                if name not in target.names:
-                    target.names.append(name)
-                target.places.append((module, attr, is_param))
-                target.place_names.append(name)
-    return list(by_id.values())
 
 
 def _renamer(model, checkpoint: Checkpoint, names: list[str]):
@@ -306,7 +255,7 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
             else:
                 jobs.append((entry.file, entry.offset, entry.nbytes))
                 job_sinks.append((sinks, any(t.device != "disk" and t.device.type == "cuda" for t in members)))
-        _read_direct(direct)
+        read_direct(direct)
         if jobs:
             gpu = any(flag for _, flag in job_sinks)
             # GPU destinations: several reads in flight into a ring of pinned 16 MiB buffers; host-only work
@@ -337,38 +286,6 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
     if not disk_stored:
         return None
     return OffloadStore(disk_stored, stamps, os.fspath(offload_folder) if offload_folder is not None else None)
-
-
-def _read_direct(reads: list[tuple[TensorEntry, object]], piece: int = 16 * 2**20, threads: int = 4) -> None:
-    """Read each entry's bytes straight into its destination (a uint8 CPU tensor), in pieces, from several threads."""
-    import concurrent.futures
-
-    pieces = []
-    for entry, dest in reads:
-        view = memoryview(dest.numpy())
-        pieces += [(entry, start, view[start : start + piece]) for start in range(0, entry.nbytes, piece)]
-    if not pieces:
-        return
-    fds: dict[str, int] = {}
-    for entry, _, _ in pieces:
-        if entry.file not in fds:
-            fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-
-    def read(item):
-        entry, start, view = item
-        done = 0
-        while done < len(view):
-            count = os.preadv(fds[entry.file], [view[done:]], entry.offset + start + done)
-            if count <= 0:
-                raise CheckpointError(entry.file, f"file ends before the end of tensor {entry.name!r} (truncated?)", code="short-read")
-            done += count
-
-    try:
-        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="shardkit-read") as pool:
-            list(pool.map(read, pieces))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
 
 
 def _install(model, targets: list[Target], host: dict, store: OffloadStore | None, offload_folder) -> None:
