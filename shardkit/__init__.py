@@ -39,6 +39,21 @@ _EXPORTS = {
     "UnsafePathError": "shardkit.errors",
     "UsageError": "shardkit.errors",
     "OutputError": "shardkit.errors",
+    "init_empty_weights": "shardkit.bigmodel",
+    "init_on_device": "shardkit.bigmodel",
+    "compute_module_sizes": "shardkit.bigmodel",
+    "find_tied_parameters": "shardkit.bigmodel",
+    "get_max_memory": "shardkit.bigmodel",
+    "get_balanced_memory": "shardkit.bigmodel",
+    "infer_auto_device_map": "shardkit.bigmodel",
+    "check_device_map": "shardkit.bigmodel",
+    "load_checkpoint_in_model": "shardkit.bigmodel",
+    "dispatch_model": "shardkit.bigmodel",
+    "load_checkpoint_and_dispatch": "shardkit.bigmodel",
+    "cpu_offload": "shardkit.bigmodel",
+    "disk_offload": "shardkit.bigmodel",
+    "remove_hook_from_module": "shardkit.bigmodel",
+    "remove_hooks": "shardkit.bigmodel",
 }
 
 __all__ = sorted(_EXPORTS)

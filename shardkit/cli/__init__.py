@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "split": ("shardkit.cli.split", "split_command", "Reshard a checkpoint into Hub-style shards, copying byte ranges."),
     "convert": ("shardkit.cli.convert", "convert_command", "Convert .bin checkpoints to safetensors (or back), keeping the layout."),
     "validate": ("shardkit.cli.validate", "validate_command", "Check a checkpoint folder or Hub repo; report every problem."),
+    "plan": ("shardkit.cli.plan", "plan_command", "Plan a device map (GPUs, CPU, disk) for a checkpoint and show each device's bytes."),
 }
 
 

@@ -1,0 +1,41 @@
+"""Big-model inference: build empty, plan a device map, stream a checkpoint in, run with CPU/disk offload.
+
+Same names and signatures as accelerate's big-model API, so switching is a change of import. Every name is
+resolved lazily; ``shardkit.bigmodel.placement`` (used by ``shardkit plan``) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "init_empty_weights": "shardkit.bigmodel.empty",
+    "init_on_device": "shardkit.bigmodel.empty",
+    "compute_module_sizes": "shardkit.bigmodel.sizes",
+    "find_tied_parameters": "shardkit.bigmodel.sizes",
+    "get_max_memory": "shardkit.bigmodel.devicemap",
+    "get_balanced_memory": "shardkit.bigmodel.devicemap",
+    "infer_auto_device_map": "shardkit.bigmodel.devicemap",
+    "check_device_map": "shardkit.bigmodel.devicemap",
+    "load_checkpoint_in_model": "shardkit.bigmodel.loader",
+    "LoadResult": "shardkit.bigmodel.loader",
+    "OffloadStore": "shardkit.bigmodel.offload",
+    "dispatch_model": "shardkit.bigmodel.dispatch",
+    "load_checkpoint_and_dispatch": "shardkit.bigmodel.dispatch",
+    "cpu_offload": "shardkit.bigmodel.dispatch",
+    "disk_offload": "shardkit.bigmodel.dispatch",
+    "remove_hook_from_module": "shardkit.bigmodel.dispatch",
+    "remove_hooks": "shardkit.bigmodel.dispatch",
+    "OutOfMemoryError": "shardkit.bigmodel.hooks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardkit.bigmodel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

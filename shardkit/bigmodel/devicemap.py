@@ -1,0 +1,170 @@
+"""Device maps for ``nn.Module`` models, under accelerate's names and signatures.
+
+A device map is ``{module or tensor name: device}`` with devices GPU indexes, ``"cpu"`` and ``"disk"``; a key
+covers its whole subtree (``""`` is the whole model) and the map must cover every tensor.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from . import placement
+from .sizes import compute_module_sizes, find_tied_parameters, module_tree
+
+DEVICE_MAP_STRINGS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def get_max_memory(max_memory: dict | None = None) -> dict:
+    """``max_memory`` with sizes parsed and devices ordered (GPUs, ``"cpu"``, ``"disk"``).
+
+    Without one: the free memory of every visible GPU and the available RAM, nothing held back.
+    """
+    if max_memory is not None:
+        return placement.normalize_max_memory(max_memory)
+    import psutil
+    import torch
+
+    found: dict = {}
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            found[index] = torch.cuda.mem_get_info(index)[0]
+    found["cpu"] = psutil.virtual_memory().available
+    return found
+
+
+def _no_split(classes) -> set[str]:
+    if classes is None:
+        return set()
+    return {classes} if isinstance(classes, str) else set(classes)
+
+
+def get_balanced_memory(model, max_memory: dict | None = None, no_split_module_classes=None, dtype=None, special_dtypes=None, low_zero: bool = False) -> dict:
+    """A ``max_memory`` that spreads ``model`` evenly over the GPUs (accelerate's rule; see :func:`placement.balanced_memory`).
+
+    With a single GPU and no ``max_memory`` given, 10% of it is left for activations.
+    """
+    sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes)
+    return placement.balanced_memory(
+        module_tree(model), sizes, get_max_memory(max_memory), _no_split(no_split_module_classes), low_zero=low_zero, user_set=max_memory is not None
+    )
+
+
+def infer_auto_device_map(
+    model,
+    max_memory: dict | None = None,
+    no_split_module_classes=None,
+    dtype=None,
+    special_dtypes: dict | None = None,
+    verbose: bool = False,
+    clean_result: bool = True,
+    offload_buffers: bool = False,
+    *,
+    match_accelerate: bool = False,
+) -> dict:
+    """Place ``model`` on the GPUs in order, then the CPU, then the disk (accelerate's greedy walk).
+
+    Differences from accelerate, each deliberate: room for streaming offloaded layers is held back only when
+    something is offloaded, and it is the dispatcher's real need (two staging slabs on the main device, two read
+    buffers on the CPU when the disk is used) rather than one layer always; a ``dtype`` that grows tensors (fp16
+    loaded as fp32) is counted at its real size. ``match_accelerate=True`` gives accelerate's map exactly.
+    ``offload_buffers`` is accepted for compatibility (buffers are always counted with their module).
+    """
+    sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes, never_grow=match_accelerate)
+    return placement.plan(
+        module_tree(model),
+        sizes,
+        get_max_memory(max_memory),
+        _no_split(no_split_module_classes),
+        find_tied_parameters(model),
+        match_accelerate=match_accelerate,
+        clean=clean_result,
+        verbose=verbose,
+    )
+
+
+def resolve_device_map(model, device_map, max_memory=None, no_split_module_classes=None, dtype=None, offload_buffers=False) -> dict | None:
+    """A device map from a string (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or as given."""
+    if not isinstance(device_map, str):
+        return None if device_map is None else dict(device_map)
+    if device_map not in DEVICE_MAP_STRINGS:
+        raise UsageError(f"unknown device_map {device_map!r}: use a dict or one of {', '.join(DEVICE_MAP_STRINGS)}")
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(model, max_memory, no_split_module_classes, dtype, low_zero=device_map == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory, no_split_module_classes, dtype, offload_buffers=offload_buffers)
+
+
+def device_for(name: str, device_map: dict):
+    """The device ``device_map`` gives tensor or module ``name``: the entry of its longest covering key, or None."""
+    key = covering_key(name, device_map)
+    return None if key is None else device_map[key]
+
+
+def check_device_map(model, device_map: dict) -> None:
+    """Raise :class:`UsageError` when ``device_map`` names something ``model`` lacks or leaves a tensor without a device."""
+    modules = dict(model.named_modules())
+    tensors = [*dict(model.named_parameters(remove_duplicate=False)), *dict(model.named_buffers(remove_duplicate=False))]
+    known = set(modules) | set(tensors)
+    unknown = [k for k in device_map if k not in known]
+    if unknown:
+        raise UsageError(f"device_map names {', '.join(map(repr, unknown[:5]))}, which the model does not have")
+    for key, device in device_map.items():
+        _check_device(key, device)
+    uncovered = [n for n in tensors if device_for(n, device_map) is None]
+    if uncovered:
+        more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
+        raise UsageError(f"device_map gives no device for {', '.join(map(repr, uncovered[:5]))}{more}")
+
+
+def _check_device(key: str, device) -> None:
+    import torch
+
+    if isinstance(device, torch.device) or (isinstance(device, int) and not isinstance(device, bool)):
+        return
+    if isinstance(device, str) and (device in ("cpu", "disk", "meta") or device.startswith("cuda")):
+        return
+    raise UsageError(f"device_map gives {key!r} the device {device!r}: use a GPU index, 'cuda:N', 'cpu' or 'disk'")
+
+
+def covering_key(name: str, device_map: dict) -> str | None:
+    """The longest key of ``device_map`` that covers ``name`` (the block ``name`` belongs to), or None."""
+    probe = name
+    while True:
+        if probe in device_map:
+            return probe
+        if not probe:
+            return None
+        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+
+
+def block_module(key: str, tensor: str, modules: dict) -> str:
+    """The module whose forward runs the block of ``key`` that holds ``tensor``: the key itself (the owner of a
+    tensor key), or, for containers that are never called (``ModuleList``, ``ModuleDict``), the child on the path to
+    ``tensor``, so a key like ``model.layers`` becomes one block per layer."""
+    from torch import nn
+
+    name = key if key in modules else (key.rsplit(".", 1)[0] if "." in key else "")
+    while type(modules[name]).forward is nn.Module.forward:
+        rest = tensor[len(name) + 1 :] if name else tensor
+        child = f"{name}.{rest.split('.', 1)[0]}" if name else rest.split(".", 1)[0]
+        if child not in modules:
+            break
+        name = child
+    return name
+
+
+def main_device(device_map: dict | None):
+    """Where offloaded blocks run: the first GPU the map uses, else the CPU (accelerate's choice)."""
+    import torch
+
+    for device in (device_map or {}).values():
+        if device not in ("cpu", "disk", "meta"):
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu")
+
+
+def torch_device(device):
+    """A map's device value as ``torch.device`` (``"disk"`` stays the string)."""
+    import torch
+
+    if device == "disk":
+        return device
+    return torch.device(f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device)

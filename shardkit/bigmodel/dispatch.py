@@ -1,0 +1,297 @@
+"""Put a loaded model on its devices and attach the hooks that run it: accelerate's big-model entry points."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from ..errors import CheckpointError, UsageError
+from . import slab
+from .devicemap import block_module, check_device_map, covering_key, main_device as map_main_device, resolve_device_map, torch_device
+from .hooks import Block, Hook, Streamer
+from .loader import load_checkpoint_in_model
+from .targets import Target, model_tensors
+from .offload import INDEX_NAME, OffloadStore, OffloadWriter, stamp
+
+
+def dispatch_model(
+    model,
+    device_map: dict,
+    main_device=None,
+    state_dict: dict | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    offload_index: dict | None = None,
+    offload_buffers: bool = False,
+    skip_keys=None,
+    preload_module_classes=None,
+    force_hooks: bool = False,
+):
+    """Place ``model`` per ``device_map`` and attach one hook per placed block; returns the model.
+
+    GPU blocks move there once. ``"cpu"`` blocks (when a GPU runs the model) stay in a pinned host slab and
+    ``"disk"`` blocks in the offload store; both run on ``main_device`` (default: the map's first GPU) through
+    two staging slabs, prefetched one block ahead. The top-level forward returns outputs on the device its
+    inputs came from. ``state_dict`` supplies values for offloaded tensors; ``offload_dir`` names a folder an
+    earlier load offloaded into (or where weights of disk blocks are written now, if the model holds them);
+    ``offload_index`` is an :class:`~shardkit.bigmodel.offload.OffloadStore`. ``preload_module_classes`` is
+    accepted for compatibility: a whole block is always staged before its forward.
+    """
+    check_device_map(model, device_map)
+    remove_hooks(model)
+    model.hf_device_map = dict(device_map)
+    devices = {torch_device(d) for d in device_map.values()}
+    if len(devices) == 1 and "disk" not in devices and not force_hooks:
+        model.to(next(iter(devices)))
+        return model
+    main = torch.device(main_device if not isinstance(main_device, int) else f"cuda:{main_device}") if main_device is not None else map_main_device(device_map)
+    if skip_keys is None:
+        skip_keys = getattr(model, "_skip_keys_device_placement", None) or ()
+    skip_keys = [skip_keys] if isinstance(skip_keys, str) else list(skip_keys)
+
+    modules = dict(model.named_modules())
+    store = offload_index if offload_index is not None else getattr(model, "_shardkit_offload", None)
+    if store is None and offload_dir is not None and os.path.isfile(os.path.join(offload_dir, INDEX_NAME)):
+        store = OffloadStore.open(offload_dir)
+    host_slabs = getattr(model, "_shardkit_host", None) or {}
+
+    # Group every tensor into the block whose hook will manage it.
+    groups: dict[str, tuple[object, list[Target]]] = {}
+    def block_of(tensor_name: str) -> tuple[str, object]:
+        key = covering_key(tensor_name, device_map)
+        return block_module(key, tensor_name, modules), torch_device(device_map[key])
+
+    for whole in model_tensors(model):
+        # A tensor tied across blocks (embeddings and LM head) is given to each block that uses it.
+        for (name, device), target in whole.split(block_of).items():
+            previous = groups.get(name)
+            if previous is not None and previous[0] != device:
+                raise UsageError(f"device_map puts tensors of module {name!r} on both {previous[0]} and {device}: give the module one device")
+            groups.setdefault(name, (device, []))[1].append(target)
+    names = sorted(groups, key=list(modules).index)
+    outer = {n for n in names if any(o != n and (not n or o.startswith(n + ".")) for o in names)}
+
+    blocks, offloaded = [], []
+    for name in names:
+        device, targets = groups[name]
+        if device == "disk" or (device.type == "cpu" and main.type != "cpu"):
+            tier = "disk" if device == "disk" else "cpu"
+            exec_device = main
+        else:
+            tier, exec_device = "resident", device
+        if name in outer and tier != "resident":
+            tier = "resident"  # a module whose children are blocks of their own: its few direct tensors stay on the main device
+        block = Block(name, modules[name], exec_device, tier)
+        streamed = []
+        for t in targets:
+            is_buffer = not t.places[0][2]
+            if tier == "resident" or (is_buffer and not offload_buffers):
+                _settle(t, exec_device, store, state_dict)
+            else:
+                streamed.append(t)
+        if streamed:
+            _offload(block, streamed, host_slabs.get(name), store, state_dict, offload_dir, pin=main.type == "cuda")
+            store = block.store if block.tier == "disk" else store
+            offloaded.append(block)
+        else:
+            block.tier = "resident"
+        blocks.append(block)
+
+    streamer = Streamer(main, [b for b in offloaded], store) if offloaded else None
+    for block in blocks:
+        Hook(block.module, block.device, block, streamer, io_same_device=block.name == "", skip_keys=skip_keys).attach()
+    if "" not in groups:
+        Hook(model, None, io_same_device=True).attach()
+    model._shardkit_streamer = streamer
+    model._shardkit_offload = store
+    return model
+
+
+def _value(t: Target, store, state_dict):
+    """The tensor's value on the CPU or wherever it is: the model's, the state dict's, or the offload store's."""
+    name = t.names[0]
+    if state_dict is not None:
+        for n in t.names:
+            if n in state_dict:
+                return state_dict[n]
+    if t.old.device.type != "meta":
+        return t.old
+    if store is not None:
+        for n in t.names:
+            if n in store.tensors:
+                return store.load(n)
+    raise CheckpointError(name, "has no value (still on the meta device): load the checkpoint before dispatching", code="missing-keys")
+
+
+def _set(t: Target, value) -> None:
+    is_param = t.places[0][2]
+    if is_param:
+        value = torch.nn.Parameter(value, requires_grad=False)
+    for module, attr, param in t.places:
+        (module._parameters if param else module._buffers)[attr] = value
+
+
+def _settle(t: Target, device, store, state_dict) -> None:
+    """Make a resident tensor live on ``device``."""
+    value = _value(t, store, state_dict)
+    if value.device != device:
+        value = value.to(device)
+    if value is not t.old:
+        _set(t, value.data if isinstance(value, torch.nn.Parameter) else value)
+
+
+def _offload(block: Block, targets: list[Target], loaded, store, state_dict, offload_dir, pin: bool) -> None:
+    """Lay ``block``'s streamed tensors out in a slab: in pinned host memory (cpu tier) or the offload store (disk)."""
+    specs = []
+    for t in targets:
+        source = t.old if t.old.device.type != "meta" or store is None or t.names[0] not in store.tensors else None
+        dtype = source.dtype if source is not None else _store_dtype(store, t.names[0])
+        specs.append((t.names[0], dtype, tuple(t.old.shape)))
+    block.slots, block.nbytes = slab.layout(specs)
+    block.places = [(m, a, p, t.names[0]) for t in targets for (m, a, p) in t.places]
+    if block.tier == "cpu":
+        if loaded is not None and _same_layout(loaded[1], block.slots):
+            block.host = loaded[0]  # the loader already read these weights into a pinned slab of this layout
+        else:
+            block.host = slab.allocate(block.nbytes, pin=pin)
+            for t in targets:
+                slab.view(block.host, block.slots[t.names[0]]).copy_(_value(t, store, state_dict))
+                _set(t, slab.view(block.host, block.slots[t.names[0]]))  # free the original as we go
+        block.rest = [_rest(slab.view(block.host, block.slots[name]), p) for (_, _, p, name) in block.places]
+    else:
+        missing = [t for t in targets if store is None or t.names[0] not in store.tensors]
+        if missing:
+            store = _write_disk(block, missing, store, state_dict, offload_dir)
+        block.runs = store.runs({name: s.offset for name, s in block.slots.items()})
+        block.rest = [_rest(torch.empty(s.shape, dtype=s.dtype, device="meta"), p) for (_, _, p, name) in block.places for s in [block.slots[name]]]
+    block.store = store
+    block.install(block.rest)
+
+
+def _rest(tensor, is_param):
+    return torch.nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+
+
+def _store_dtype(store, name):
+    from ..dtypes import torch_dtype
+
+    return torch_dtype(store.tensors[name].dtype)
+
+
+def _same_layout(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def _write_disk(block: Block, targets: list[Target], store, state_dict, offload_dir) -> OffloadStore:
+    """Write disk-mapped weights the model holds in memory into ``offload_dir`` (disk_offload of a loaded model)."""
+    from ..dtypes import from_torch_dtype
+
+    if offload_dir is None:
+        raise UsageError(f"the device map puts {block.name or 'the model'!r} on disk: pass offload_dir (a folder for its weights)")
+    os.makedirs(offload_dir, exist_ok=True)
+    values = [(t, _value(t, None, state_dict).contiguous()) for t in targets]
+    path = os.path.join(os.fspath(offload_dir), re.sub(r"[^A-Za-z0-9_.-]", "_", block.name or "model") + ".safetensors")
+    writer = OffloadWriter(path, [(t.names[0], from_torch_dtype(v.dtype), tuple(v.shape), v.numel() * v.element_size()) for t, v in values])
+    try:
+        for t, v in values:
+            if v.numel():
+                writer.write_at(t.names[0], 0, slab.as_bytes(v.cpu()).numpy())
+        stored = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    if store is None:
+        store = OffloadStore({}, {}, os.fspath(offload_dir))
+    store.tensors.update(stored)
+    store.stamps[path] = stamp(path)
+    store.save()
+    return store
+
+
+def remove_hook_from_module(module, recurse: bool = False):
+    """Detach shardkit's hook from ``module`` (and its submodules with ``recurse``); offloaded weights stay at rest
+    (CPU tier in host memory, disk tier on the meta device)."""
+    targets = module.modules() if recurse else [module]
+    for m in targets:
+        hook = m.__dict__.get("_shardkit_hook")
+        if hook is not None:
+            hook.detach()
+    return module
+
+
+def remove_hooks(model) -> None:
+    """Detach every shardkit hook from ``model`` and stop its streamer."""
+    remove_hook_from_module(model, recurse=True)
+    streamer = model.__dict__.get("_shardkit_streamer")
+    if streamer is not None:
+        streamer.close()
+        model._shardkit_streamer = None
+
+
+def load_checkpoint_and_dispatch(
+    model,
+    checkpoint,
+    device_map="auto",
+    max_memory: dict | None = None,
+    no_split_module_classes=None,
+    offload_folder=None,
+    offload_buffers: bool = False,
+    dtype=None,
+    offload_state_dict=None,
+    skip_keys=None,
+    preload_module_classes=None,
+    force_hooks: bool = False,
+    strict: bool = False,
+):
+    """Plan (for a string ``device_map``), stream the checkpoint in, and dispatch: accelerate's one-call workflow.
+
+    ``device_map=None`` loads without dispatching. Returns the model.
+    """
+    if no_split_module_classes is None:
+        no_split_module_classes = getattr(model, "_no_split_modules", None)
+    device_map = resolve_device_map(model, device_map, max_memory, no_split_module_classes, dtype, offload_buffers)
+    load_checkpoint_in_model(model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=dtype, offload_buffers=offload_buffers, strict=strict)
+    if device_map is None:
+        return model
+    return dispatch_model(model, device_map, offload_dir=offload_folder, offload_buffers=offload_buffers, skip_keys=skip_keys,
+                          preload_module_classes=preload_module_classes, force_hooks=force_hooks)
+
+
+def offload_blocks(model, no_split_module_classes=None) -> list[str]:
+    """Blocks for whole-model offload: no-split modules and modules without children, plus direct tensors of the rest."""
+    no_split = set(no_split_module_classes or getattr(model, "_no_split_modules", None) or ())
+    keys = []
+
+    def walk(prefix, module):
+        children = list(module.named_children())
+        if not children or type(module).__name__ in no_split:
+            keys.append(prefix)
+            return
+        dot = f"{prefix}." if prefix else ""
+        keys.extend(dot + n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)])
+        for n, child in children:
+            walk(dot + n, child)
+
+    walk("", model)
+    return keys
+
+
+def _default_execution_device():
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cpu_offload(model, execution_device=None, offload_buffers: bool = False, state_dict=None, preload_module_classes=None):
+    """Keep every weight in pinned host memory and stream it block by block to ``execution_device`` (default: GPU 0)."""
+    device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
+    device_map = {k: "cpu" for k in offload_blocks(model)}
+    return dispatch_model(model, device_map, main_device=device, state_dict=state_dict, offload_buffers=offload_buffers, force_hooks=True)
+
+
+def disk_offload(model, offload_dir, execution_device=None, offload_buffers: bool = False, preload_module_classes=None):
+    """Write the model's weights once into ``offload_dir`` (or reuse what a load put there) and stream them from disk."""
+    if offload_dir is None:
+        raise UsageError("disk_offload needs an offload_dir")
+    device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
+    device_map = {k: "disk" for k in offload_blocks(model)}
+    return dispatch_model(model, device_map, main_device=device, offload_dir=offload_dir, offload_buffers=offload_buffers, force_hooks=True)

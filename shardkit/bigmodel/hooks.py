@@ -1,0 +1,253 @@
+"""Run-time hooks: one per placed block, plus the streamer that stages offloaded blocks on the execution device.
+
+A block's hook moves the inputs to the block's device; if the block is offloaded it first makes the block's
+weights available there. The :class:`Streamer` keeps a ring of two staging slabs on the execution device; an
+offloaded block is one (pinned) host slab with the same layout, so staging it is one coalesced copy, issued on
+a side CUDA stream one block ahead of execution: the compute stream waits on the copy's event, the copy into a
+slab waits on the event of the compute that last read that slab. Nothing blocks the host per layer, nothing is
+copied back, no GPU memory is allocated or freed in the hot path. Disk blocks are read by a worker thread (large
+parallel reads) into one of two pinned host buffers and then copied the same way. On a CPU execution device the
+same code runs synchronously.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ShardkitError
+from . import slab
+
+#: Disk reads are split into pieces of this size and issued from several threads.
+READ_PIECE = 16 * 2**20
+READ_THREADS = 4
+
+
+class OutOfMemoryError(ShardkitError, torch.OutOfMemoryError):
+    """A block ran out of GPU memory during the forward; the model stays usable."""
+
+    code = "gpu-oom"
+
+
+@dataclass(eq=False)
+class Block:
+    """The tensors one hook manages: ``places`` are ``(module, attribute, is_parameter, name)``."""
+
+    name: str
+    module: object
+    device: torch.device  # where it runs
+    tier: str  # "resident", "cpu" or "disk"
+    places: list = field(default_factory=list)
+    slots: dict = field(default_factory=dict)  # tensor name -> slab.Slot (offloaded tiers)
+    nbytes: int = 0
+    host: object = None  # cpu tier: uint8 host slab
+    runs: list = field(default_factory=list)  # disk tier: (file, file offset, slab offset, nbytes)
+    rest: list = field(default_factory=list)  # tensors installed between forwards
+    staged: list = field(default_factory=list)  # per ring slot: tensors installed during the forward
+
+    def install(self, tensors) -> None:
+        for (module, attr, is_param, _), tensor in zip(self.places, tensors):
+            (module._parameters if is_param else module._buffers)[attr] = tensor
+
+
+class Streamer:
+    """Stage offloaded blocks into a ring of two slabs on ``device``, prefetching the next block in execution order."""
+
+    RING = 2
+
+    def __init__(self, device: torch.device, blocks: list[Block], store=None) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.store = store
+        size = max((b.nbytes for b in blocks), default=0)
+        self.slabs = [slab.allocate(size, device) for _ in range(self.RING)]
+        self.owner: list[Block | None] = [None] * self.RING
+        self.pending: list = [None] * self.RING
+        # Until the first forward shows the real order, the next block is the next one in module order.
+        self.next = {a: b for a, b in zip(blocks, blocks[1:])}
+        self.last: Block | None = None
+        self.current = self.RING - 1
+        for block in blocks:
+            block.staged = [
+                [_wrap(slab.view(s, block.slots[name]), is_param) for (_, _, is_param, name) in block.places] for s in self.slabs
+            ]
+        disk = [b for b in blocks if b.tier == "disk"]
+        self.readers = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardkit-read") if disk else None
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in range(self.RING)]
+            self.free = [torch.cuda.Event() for _ in range(self.RING)]
+            if disk:
+                largest = max(b.nbytes for b in disk)
+                self.host = [slab.allocate(largest, pin=True) for _ in range(self.RING)]
+                self.host_free = [torch.cuda.Event() for _ in range(self.RING)]
+                self.host_next = 0
+                self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardkit-stage")
+
+    def acquire(self, block: Block) -> int:
+        """Make ``block``'s weights ready in a slab (as seen by the current stream) and prefetch the next block."""
+        if self.last is not None and self.last is not block:
+            self.next[self.last] = block  # learn the execution order as it happens
+        self.last = block
+        slot = next((i for i, b in enumerate(self.owner) if b is block), None)
+        if slot is None:
+            slot = (self.current + 1) % self.RING  # keep the block staged last; overwrite the other slab
+            self._stage(block, slot)
+        self._wait(slot)
+        upcoming = self.next.get(block)
+        if upcoming is not None and upcoming is not block and upcoming not in self.owner:
+            self._stage(upcoming, (slot + 1) % self.RING)
+        self.current = slot
+        return slot
+
+    def release(self, block: Block, slot: int) -> None:
+        """The compute reading ``slot`` has been enqueued; the slab may be refilled once it has run."""
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+
+    def _stage(self, block: Block, slot: int) -> None:
+        self._wait_pending(slot)
+        self.owner[slot] = block
+        target = self.slabs[slot]
+        if not self.cuda:
+            if block.tier == "disk":
+                self._read(block, target)
+            else:
+                target[: block.nbytes].copy_(block.host[: block.nbytes])
+            return
+        if block.tier == "disk":
+            self.pending[slot] = self.worker.submit(self._disk_to_device, block, slot)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.free[slot])
+            target[: block.nbytes].copy_(block.host[: block.nbytes], non_blocking=True)
+            self.ready[slot].record(self.copy_stream)
+
+    def _disk_to_device(self, block: Block, slot: int) -> None:
+        """Worker thread: read a disk block into a pinned host buffer, then enqueue its copy into ``slot``."""
+        index = self.host_next
+        self.host_next = (index + 1) % self.RING
+        self.host_free[index].synchronize()  # the previous copy out of this host buffer has finished
+        buffer = self.host[index]
+        self._read(block, buffer)
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.free[slot])
+            self.slabs[slot][: block.nbytes].copy_(buffer[: block.nbytes], non_blocking=True)
+            self.ready[slot].record(self.copy_stream)
+            self.host_free[index].record(self.copy_stream)
+
+    def _read(self, block: Block, buffer) -> None:
+        """Fill ``buffer`` with ``block``'s bytes from the offload store: large reads, several threads."""
+        view = memoryview(buffer.numpy())
+        pieces = []
+        for path, offset, at, nbytes in block.runs:
+            for start in range(0, nbytes, READ_PIECE):
+                size = min(READ_PIECE, nbytes - start)
+                pieces.append((path, offset + start, view[at + start : at + start + size]))
+        list(self.readers.map(lambda p: self.store.read_into(*p), pieces))
+
+    def _wait_pending(self, slot: int) -> None:
+        future, self.pending[slot] = self.pending[slot], None
+        if future is not None:
+            future.result()
+
+    def _wait(self, slot: int) -> None:
+        self._wait_pending(slot)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+
+    def close(self) -> None:
+        for i in range(self.RING):
+            try:
+                self._wait_pending(i)
+            except Exception:
+                pass
+        for pool in (self.readers, getattr(self, "worker", None)):
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+
+def _wrap(tensor, is_param: bool):
+    return torch.nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+
+
+def move(obj, device, skip: frozenset = frozenset()):
+    """``obj`` with every tensor inside tuples, lists and dicts on ``device`` (other objects untouched)."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=device.type == "cuda")
+    if type(obj) is dict:
+        return {k: v if k in skip else move(v, device) for k, v in obj.items()}
+    if isinstance(obj, dict):  # ModelOutput and friends: update in place, they may not be rebuildable from a dict
+        for key in list(obj.keys()):
+            if key not in skip:
+                obj[key] = move(obj[key], device)
+        return obj
+    if isinstance(obj, tuple):
+        items = [move(x, device) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        return [move(x, device) for x in obj]
+    return obj
+
+
+def first_device(args, kwargs):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+            return value[0].device
+    return None
+
+
+class Hook:
+    """Wraps one module's forward: stage its block (if offloaded), move inputs, and at the root move outputs back."""
+
+    def __init__(self, module, device: torch.device | None, block: Block | None = None, streamer: Streamer | None = None,
+                 io_same_device: bool = False, skip_keys=()) -> None:
+        self.module = module
+        self.device = device
+        self.block = block
+        self.streamer = streamer
+        self.io_same_device = io_same_device
+        self.skip = frozenset(skip_keys or ())
+        self.original = module.forward
+
+    def attach(self) -> None:
+        self.module._shardkit_hook = self
+        self.module.forward = self.forward
+
+    def detach(self) -> None:
+        if "forward" in self.module.__dict__:
+            del self.module.forward
+        if self.module.__dict__.get("_shardkit_hook") is self:
+            del self.module._shardkit_hook
+
+    def forward(self, *args, **kwargs):
+        caller = first_device(args, kwargs) if self.io_same_device else None
+        slot = None
+        block = self.block
+        if block is not None and block.tier != "resident":
+            slot = self.streamer.acquire(block)
+            block.install(block.staged[slot])
+        try:
+            if self.device is not None:
+                args = move(args, self.device)
+                kwargs = move(kwargs, self.device, self.skip)
+            output = self.original(*args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            if isinstance(exc, OutOfMemoryError):
+                raise
+            where = self.block.name if self.block is not None else "the model"
+            raise OutOfMemoryError(
+                f"out of GPU memory in block {where or '(root)'} on {self.device}: the device map leaves too little room for "
+                "activations; pass a smaller max_memory for that GPU (or fewer tokens per forward)"
+            ) from exc
+        finally:
+            if slot is not None:
+                block.install(block.rest)
+                self.streamer.release(block, slot)
+        if caller is not None:
+            output = move(output, caller)
+        return output

@@ -1,0 +1,216 @@
+"""The disk tier: where each offloaded tensor's bytes are, checked against the files before they are trusted.
+
+A tensor mapped to ``"disk"`` is read at run time straight from a safetensors file: the original checkpoint
+shard when it already holds the tensor in the right dtype (no second copy), otherwise a file written once into
+the offload folder with the cast weights. ``shardkit-offload.json`` in that folder records every tensor's file,
+offset, dtype and shape, and each file's size and header digest: a file changed or truncated since is refused
+with a clear error instead of feeding garbage to the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import orjson
+
+from ..errors import CheckpointError, OutputError
+from ..formats.safetensors import build_header
+
+INDEX_NAME = "shardkit-offload.json"
+INDEX_FORMAT = "shardkit-offload/1"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """``nbytes`` bytes of a ``dtype`` (safetensors name) tensor of ``shape`` at absolute ``offset`` in ``file``."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def stamp(path: str) -> dict:
+    """What a file must still look like for its offsets to hold: its size and a digest of its safetensors header."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        header = handle.read(min(length, size))
+    return {"size": size, "header_sha256": hashlib.sha256(prefix + header).hexdigest()}
+
+
+class OffloadStore:
+    """Disk-tier tensors by name, read with ``pread`` from files verified on open."""
+
+    def __init__(self, tensors: dict[str, Stored], stamps: dict[str, dict], folder: str | None = None) -> None:
+        self.tensors = tensors
+        self.stamps = stamps
+        self.folder = folder
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # reader threads open files concurrently
+        self.verify()
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "OffloadStore":
+        """The store an earlier load wrote into ``folder``; raises CheckpointError if it is missing or stale."""
+        folder = os.fspath(folder)
+        path = os.path.join(folder, INDEX_NAME)
+        try:
+            with open(path, "rb") as handle:
+                data = orjson.loads(handle.read())
+        except FileNotFoundError:
+            raise CheckpointError(folder, f"holds no {INDEX_NAME}: load the checkpoint with this offload_folder first", code="offload-missing") from None
+        except orjson.JSONDecodeError as exc:
+            raise CheckpointError(path, f"is not valid JSON ({exc})", code="offload-changed") from None
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise CheckpointError(path, f"is not a {INDEX_FORMAT} index", code="offload-changed")
+        resolve = lambda f: f if os.path.isabs(f) else os.path.join(folder, f)  # noqa: E731
+        tensors = {
+            name: Stored(resolve(t["file"]), t["offset"], t["nbytes"], t["dtype"], tuple(t["shape"])) for name, t in data["tensors"].items()
+        }
+        stamps = {resolve(f): s for f, s in data["files"].items()}
+        return cls(tensors, stamps, folder)
+
+    def verify(self) -> None:
+        """Raise CheckpointError naming the first file that is gone, or changed in size or header since recorded."""
+        for path, expected in self.stamps.items():
+            try:
+                actual = stamp(path)
+            except FileNotFoundError:
+                raise CheckpointError(path, "offloaded weights file is gone; load the checkpoint again", code="offload-changed") from None
+            if actual["size"] != expected["size"]:
+                raise CheckpointError(
+                    path,
+                    f"offloaded weights file is {actual['size']} bytes, {expected['size']} when offloaded (changed or truncated since); load the checkpoint again",
+                    code="offload-changed",
+                )
+            if actual["header_sha256"] != expected["header_sha256"]:
+                raise CheckpointError(path, "offloaded weights file's header changed since it was offloaded; load the checkpoint again", code="offload-changed")
+
+    def save(self) -> None:
+        """Write the index into the folder atomically (paths inside the folder are stored relative)."""
+        if self.folder is None:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        rel = lambda f: os.path.relpath(f, self.folder) if os.path.dirname(os.path.abspath(f)) == os.path.abspath(self.folder) else f  # noqa: E731
+        data = {
+            "format": INDEX_FORMAT,
+            "files": {rel(f): s for f, s in self.stamps.items()},
+            "tensors": {n: {"file": rel(t.file), "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)} for n, t in self.tensors.items()},
+        }
+        atomic_write(os.path.join(self.folder, INDEX_NAME), orjson.dumps(data, option=orjson.OPT_INDENT_2))
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_into(self, path: str, offset: int, dest: memoryview) -> None:
+        """Fill ``dest`` from ``path`` at ``offset``; a short read means the file was truncated after it was checked."""
+        fd, done, size = self._fd(path), 0, len(dest)
+        while done < size:
+            count = os.preadv(fd, [dest[done:]], offset + done)
+            if count <= 0:
+                raise CheckpointError(path, f"offloaded weights file ends {size - done} bytes early (truncated since offloaded?)", code="offload-changed")
+            done += count
+
+    def runs(self, placement: dict[str, int]) -> list[tuple[str, int, int, int]]:
+        """Reads that fill a slab: ``(file, file_offset, slab_offset, nbytes)`` for tensors at ``placement[name]``,
+        merged wherever consecutive tensors are consecutive both in the file and in the slab."""
+        pieces = sorted((self.tensors[n].file, self.tensors[n].offset, at, self.tensors[n].nbytes) for n, at in placement.items())
+        merged: list[list] = []
+        for path, offset, at, nbytes in pieces:
+            if nbytes == 0:
+                continue
+            last = merged[-1] if merged else None
+            if last and last[0] == path and last[1] + last[3] == offset and last[2] + last[3] == at:
+                last[3] += nbytes
+            else:
+                merged.append([path, offset, at, nbytes])
+        return [tuple(m) for m in merged]
+
+    def load(self, name: str):
+        """Tensor ``name`` as a CPU tensor owning its memory."""
+        import torch
+
+        from ..dtypes import torch_dtype
+
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        if info.nbytes:
+            self.read_into(info.file, info.offset, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class OffloadWriter:
+    """Write one safetensors file of known tensors (``(name, dtype, shape, nbytes)`` in order) by streaming their bytes."""
+
+    def __init__(self, path: str, specs: list[tuple[str, str, tuple[int, ...], int]]) -> None:
+        self.path = path
+        header = build_header(specs, {"format": "pt"})
+        self.data_start = len(header)
+        self.offsets, position = {}, self.data_start
+        for name, _, _, nbytes in specs:
+            self.offsets[name] = position
+            position += nbytes
+        self.specs = {name: (dtype, shape, nbytes) for name, dtype, shape, nbytes in specs}
+        fd, self.tmp = tempfile.mkstemp(prefix=".offload-", dir=os.path.dirname(path))
+        self.handle = os.fdopen(fd, "wb")
+        self.handle.write(header)
+        self.handle.flush()
+        self.handle.truncate(position)
+
+    def write_at(self, name: str, start: int, data) -> None:
+        """Write ``data`` at byte ``start`` of tensor ``name``'s range (tensors may arrive in any order)."""
+        view, done = memoryview(data).cast("B"), 0
+        while done < len(view):
+            done += os.pwrite(self.handle.fileno(), view[done:], self.offsets[name] + start + done)
+
+    def finish(self) -> dict[str, Stored]:
+        """Close, move into place atomically; the tensors now stored."""
+        try:
+            self.handle.close()
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot write offloaded weights ({exc.strerror})") from None
+        return {name: Stored(self.path, self.offsets[name], nbytes, dtype, shape) for name, (dtype, shape, nbytes) in self.specs.items()}
+
+    def abort(self) -> None:
+        self.handle.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OutputError(f"{path}: cannot be written ({exc.strerror})") from None

@@ -1,0 +1,275 @@
+"""Device-map planning over an abstract module tree: pure Python, no torch.
+
+The tree comes from a real ``nn.Module`` (:mod:`shardkit.bigmodel.sizes`) or from checkpoint tensor names alone
+(``shardkit plan``). The greedy walk is accelerate's ``infer_auto_device_map``: fill devices in order (GPUs, then
+``"cpu"``, then ``"disk"``), never go back, split a module that does not fit into its direct tensors and children
+unless its class is no-split, place tied parameters together. What it reserves differs (see :func:`plan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from ..sizes import parse_size
+
+#: GPU staging slabs the dispatcher keeps for streaming offloaded blocks: one computing, one being filled.
+STAGING_SLOTS = 2
+
+
+@dataclass
+class Node:
+    """A module (``cls`` is its class name) or a tensor (``cls`` is None) at dotted ``name``.
+
+    ``children`` is the order a split puts things in the queue: direct parameters, child modules, direct buffers.
+    """
+
+    name: str
+    cls: str | None
+    children: list["Node"] = field(default_factory=list)
+
+    @property
+    def is_module(self) -> bool:
+        return self.cls is not None
+
+    def modules(self):
+        """Every module node of the subtree, self first (depth-first, in child order)."""
+        if self.is_module:
+            yield self
+            for child in self.children:
+                yield from child.modules()
+
+
+def normalize_max_memory(max_memory: dict) -> dict:
+    """``{0: "20GiB", "cpu": "64GB"}`` -> ``{0: int, "cpu": int}`` ordered GPUs (ascending), ``"cpu"``, ``"disk"``.
+
+    Accepts ``"cuda:N"`` and ``"N"`` for GPU ``N``. Raises :class:`UsageError` for other keys and bad sizes.
+    """
+    gpus, others = {}, {}
+    for key, value in max_memory.items():
+        size = value if isinstance(value, (int, float)) and not isinstance(value, bool) else parse_size(value)
+        device = _device_key(key)
+        (gpus if isinstance(device, int) else others)[device] = size
+    ordered = {k: gpus[k] for k in sorted(gpus)}
+    ordered.update({k: others[k] for k in ("cpu", "disk") if k in others})
+    return ordered
+
+
+def _device_key(key):
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    text = str(key).strip().lower()
+    if text.startswith("cuda:"):
+        text = text[5:]
+    if text.isdigit():
+        return int(text)
+    if text in ("cpu", "disk"):
+        return text
+    raise UsageError(f"unknown device {key!r} in max_memory: use GPU indexes (0, 1...), 'cpu' and 'disk'")
+
+
+def max_layer_size(queue: list[Node], sizes: dict[str, int], no_split: set[str]) -> tuple[int, list[str]]:
+    """The largest layer in ``queue`` (a module with no child modules, or a no-split one) and every name that size."""
+    best, names = 0, []
+    stack = [n for n in queue if n.is_module]
+    while stack:
+        node = stack.pop(0)
+        kids = [c for c in node.children if c.is_module]
+        if not kids or node.cls in no_split:
+            size = sizes.get(node.name, 0)
+            if size > best:
+                best, names = size, [node.name]
+            elif size == best:
+                names.append(node.name)
+        else:
+            stack = kids + stack
+    return best, names
+
+
+def _inside(name: str, tensor: str) -> bool:
+    return tensor == name or tensor.startswith(name + ".") if name else True
+
+
+def greedy(
+    root: Node,
+    sizes: dict[str, int],
+    max_memory: dict,
+    no_split: set[str],
+    tied: list[list[str]],
+    reserve: dict,
+    verbose: bool = False,
+) -> dict:
+    """One greedy pass. ``reserve[device] = k`` holds back ``k`` times the largest remaining layer on ``device``."""
+    devices = list(max_memory) + ([] if "disk" in max_memory else ["disk"])
+    queue = list(root.children)
+    device_map: dict = {}
+    used = {d: 0 for d in devices}
+    current = 0
+    biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+    while queue:
+        node = queue.pop(0)
+        name = node.name
+        biggest_names = [n for n in biggest_names if not _inside(name, n)]
+        if not biggest_names:
+            biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+        size = sizes.get(name, 0)
+        groups = [g for g in tied if any(_inside(name, p) for p in g) and not all(_inside(name, p) for p in g)]
+        outside = [p for g in groups for p in g if not _inside(name, p)]
+        device = devices[current]
+        limit = None if device == "disk" else max_memory[device]
+        held = reserve.get(device, 0) * biggest if limit is not None else 0
+        if limit is not None:
+            limit -= held
+        # Tied parameters outside this module drag their queued modules along.
+        with_ties, tied_nodes = size, []
+        for param in outside:
+            owner = next((n for n in queue if param == n.name or param.startswith(n.name + ".")), None)
+            if owner is None or owner in tied_nodes:
+                continue
+            tied_nodes.append(owner)
+            with_ties += sizes.get(owner.name, 0) - sizes.get(param, 0)
+        if limit is None or used[device] + with_ties <= limit:
+            if verbose:
+                print(f"put {name} ({size} bytes{', with ' + str([t.name for t in tied_nodes]) if tied_nodes else ''}) on {device}")
+            used[device] += with_ties
+            device_map[name] = device
+            for owner in tied_nodes:
+                queue.remove(owner)
+                device_map[owner.name] = device
+            continue
+        if tied_nodes and used[device] + size <= limit:
+            split = next((t for t in tied_nodes if any(c.is_module for c in t.children) and t.cls not in no_split), None)
+            if split is not None:
+                at = queue.index(split)
+                queue = [node] + queue[:at] + split.children + queue[at + 1:]
+                biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+                continue
+        if used[device] + size >= limit:
+            if node.is_module and any(c.is_module for c in node.children) and node.cls not in no_split:
+                if verbose:
+                    print(f"split {name}: {size} bytes do not fit the {limit - used[device]} left on {device}")
+                queue = node.children + queue
+                biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+                continue
+        if verbose:
+            print(f"{device} is full ({used[device]} used, {held} held back); moving on")
+        used[device] += held
+        current += 1
+        queue.insert(0, node)
+    return device_map
+
+
+def plan(
+    root: Node,
+    sizes: dict[str, int],
+    max_memory: dict,
+    no_split: set[str],
+    tied: list[list[str]],
+    *,
+    match_accelerate: bool = False,
+    clean: bool = True,
+    verbose: bool = False,
+) -> dict:
+    """A device map for ``root`` within ``max_memory`` (normalized, see :func:`normalize_max_memory`).
+
+    Offloaded blocks (on ``"cpu"`` when there is a GPU, and on ``"disk"``) run on the main device (the first GPU,
+    else the CPU) through :data:`STAGING_SLOTS` staging slabs the size of the largest layer, and disk blocks are
+    read through as many host buffers. So room for them is held back only when something is actually offloaded:
+    first a pass with no reserve; if it offloads, a pass holding staging room on the main device; if that uses
+    the disk and there is a GPU, a pass also holding the disk read buffers on the CPU.
+
+    ``match_accelerate=True`` reproduces accelerate exactly: one largest layer held back on the first GPU and the
+    CPU, always.
+    """
+    gpus = [d for d in max_memory if d not in ("cpu", "disk")]
+    main = gpus[0] if gpus else "cpu"
+
+    position = {name: i for i, name in enumerate(_preorder(root))}
+
+    def run(reserve):
+        result = greedy(root, sizes, max_memory, no_split, tied, reserve, verbose)
+        result = clean_device_map(result) if clean else result
+        return {k: result[k] for k in sorted(result, key=lambda k: position.get(k, len(position)))}
+
+    if match_accelerate:
+        return run({main: 1, "cpu": 1})
+    device_map = run({})
+    offload_tiers = {"cpu", "disk"} if gpus else {"disk"}
+    if not offload_tiers & set(device_map.values()):
+        return device_map
+    device_map = run({main: STAGING_SLOTS})
+    if gpus and "disk" in device_map.values():
+        device_map = run({main: STAGING_SLOTS, "cpu": STAGING_SLOTS})
+    return device_map
+
+
+def _preorder(node: Node):
+    yield node.name
+    for child in node.children:
+        yield from _preorder(child)
+
+
+def clean_device_map(device_map: dict, module: str = "") -> dict:
+    """Collapse every subtree whose entries all name one device into a single entry (in place; returned)."""
+    prefix = f"{module}." if module else ""
+    keys = [k for k in device_map if k.startswith(prefix)]
+    values = {device_map[k] for k in keys}
+    if len(values) == 1 and len(keys) > 1:
+        value = device_map[keys[0]]
+        for k in keys:
+            del device_map[k]
+        device_map[module] = value
+    depth = len(module.split(".")) + 1 if module else 1
+    children = {".".join(k.split(".")[:depth]) for k in device_map if k.startswith(prefix) and len(k) > len(module)}
+    for child in sorted(children):
+        clean_device_map(device_map, child)
+    return device_map
+
+
+def module_leaves(sizes: dict[str, int]) -> list[str]:
+    """Names in ``sizes`` that no other name extends (the finest granularity it holds)."""
+    parents = {n.rsplit(".", 1)[0] for n in sizes if n and "." in n}
+    return [n for n in sizes if n and n not in parents]
+
+
+def balanced_memory(
+    root: Node, sizes: dict[str, int], max_memory: dict, no_split: set[str], *, low_zero: bool = False, user_set: bool = True
+) -> dict:
+    """accelerate's ``get_balanced_memory`` on a tree: cap every GPU but the last near an equal share of the model.
+
+    The share is ``total / n_gpus`` (``n_gpus - 1`` with ``low_zero``) plus 1.25 times the larger of the largest
+    no-split block and the mean leaf-module size, so that uneven layer boundaries don't spill to the CPU.
+    """
+    max_memory = dict(max_memory)
+    gpus = [d for d, m in max_memory.items() if isinstance(d, int) and m > 0]
+    if not gpus:
+        return max_memory
+    if len(gpus) == 1:
+        low_zero = False
+        if not user_set:
+            max_memory[gpus[0]] = int(max_memory[gpus[0]] * 0.9)
+    total = sizes.get("", 0)
+    per_gpu = total // (len(gpus) - 1 if low_zero else len(gpus))
+    block = 0
+    if no_split:
+        classes = {m.name: m.cls for m in root.modules()}
+        seen: dict[str, int] = {}
+        for name, size in sizes.items():
+            cls = classes.get(name)
+            if name and cls in no_split and cls not in seen:
+                seen[cls] = size
+            if set(seen) == set(no_split):
+                break
+        block = max(seen.values(), default=0)
+    leaves = set(module_leaves(sizes))
+    modules_only = {n: s for n, s in sizes.items() if n not in leaves}
+    final = module_leaves(modules_only)
+    mean = int(sum(modules_only[n] for n in final) / max(len(final), 1))
+    per_gpu += int(1.25 * max(block, mean))
+    gpus = sorted(gpus)
+    for gpu in gpus[:-1]:
+        max_memory[gpu] = min(max_memory[0] if low_zero and gpu == 0 else per_gpu, max_memory[gpu])
+    if low_zero:
+        rest = sum(max_memory[i] for i in range(1, len(gpus)) if i in max_memory)
+        max_memory[0] = min(max(0, total - rest), max_memory[0])
+    return max_memory

@@ -1,0 +1,86 @@
+"""``shardkit plan CHECKPOINT --max-memory 0=20GiB,cpu=64GiB``: where each block would go, and each device's bytes."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import UsageError
+from ..sizes import format_size
+from . import emit_json
+
+
+def parse_max_memory(text: str) -> dict:
+    """``"0=20GiB,cpu=64GiB"`` -> ``{"0": "20GiB", "cpu": "64GiB"}`` (normalized later)."""
+    result = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise UsageError(f"cannot read {part!r} in --max-memory: write DEVICE=SIZE, e.g. 0=20GiB,cpu=64GiB")
+        result[device.strip()] = size.strip()
+    if not result:
+        raise UsageError("--max-memory is empty: write e.g. 0=20GiB,cpu=64GiB")
+    return result
+
+
+@click.command("plan")
+@click.argument("checkpoint")
+@click.option("--max-memory", "max_memory", required=True, help="Budget per device: 0=20GiB,1=20GiB,cpu=64GiB (disk takes the rest).")
+@click.option("--dtype", help="Dtype the floating weights will be loaded in (bf16, fp16, fp32).")
+@click.option("--model-config", "model_config", help="A transformers config.json (or its folder): plan on the real module tree.")
+@click.option("--no-split", "no_split", multiple=True, help="Module class never to split across devices (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(checkpoint: str, max_memory: str, dtype: str | None, model_config: str | None, no_split: tuple[str, ...], as_json: bool) -> None:
+    """Print the device map shardkit would use for CHECKPOINT within --max-memory, and each device's bytes.
+
+    Without --model-config the plan comes from the checkpoint's headers alone (no torch import): tensors are
+    grouped into the repeated blocks their names reveal (model.layers.N, h.N, encoder.layer.N).
+    """
+    from ..bigmodel.placement import normalize_max_memory, plan
+    from ..dtypes import parse_dtype
+    from ..reader import open_checkpoint
+
+    budget = normalize_max_memory(parse_max_memory(max_memory))
+    dtype = parse_dtype(dtype) if dtype else None
+    if model_config:
+        device_map, sizes = _plan_from_config(model_config, budget, dtype, list(no_split))
+        source = "config"
+    else:
+        from ..bigmodel.headers import REPEATED, checkpoint_tree
+
+        root, sizes, tied = checkpoint_tree(open_checkpoint(checkpoint), dtype)
+        device_map = plan(root, sizes, budget, {REPEATED, *no_split}, tied)
+        source = "headers"
+    per_device: dict[str, int] = {}
+    for key, device in device_map.items():
+        per_device[str(device)] = per_device.get(str(device), 0) + sizes.get(key, 0)
+    result = {"source": source, "device_map": {k: device_map[k] for k in device_map}, "bytes": per_device, "total_bytes": sizes.get("", 0)}
+    if as_json:
+        emit_json(result)
+        return
+    width = max((len(k or "(all)") for k in device_map), default=0)
+    for key, device in device_map.items():
+        click.echo(f"{key or '(all)':<{width}}  {device!s:>5}  {format_size(sizes.get(key, 0)):>10}")
+    click.echo("")
+    for device, nbytes in per_device.items():
+        click.echo(f"{device:>5}  {format_size(nbytes):>10}  ({nbytes:,} bytes)")
+
+
+def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str]):
+    import os
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from ..bigmodel.devicemap import infer_auto_device_map
+    from ..bigmodel.empty import init_empty_weights
+    from ..bigmodel.sizes import compute_module_sizes
+    from ..dtypes import torch_dtype
+
+    config = AutoConfig.from_pretrained(os.path.dirname(path) if path.endswith(".json") else path)
+    with init_empty_weights():
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            model = AutoModel.from_config(config)
+    no_split = no_split or list(getattr(model, "_no_split_modules", None) or [])
+    dt = torch_dtype(dtype) if dtype else None
+    return infer_auto_device_map(model, budget, no_split, dt), compute_module_sizes(model, dtype=dt)
