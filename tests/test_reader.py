@@ -220,3 +220,16 @@ def test_reading_never_imports_torch(tmp_path, kind):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tensors"] == 6
+
+
+def test_module_state_dict_with_metadata(tmp_path):
+    """``torch.save(model.state_dict())`` pickles the OrderedDict's ``_metadata`` through BUILD: accepted, dropped."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    state = model.state_dict()
+    assert hasattr(state, "_metadata")
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    checkpoint = open_checkpoint(path)
+    assert list(checkpoint.entries) == list(state)
+    assert_table_matches(checkpoint, dict(state))
+    assert checkpoint.files[0].skipped == {}

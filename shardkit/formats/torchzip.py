@@ -258,16 +258,23 @@ class RestrictedUnpickler(pickle._Unpickler):
     ``find_class`` is the only way a pickle reaches a callable, and it returns only the stand-ins in
     ``_ALLOWED``; a ``__reduce__`` naming ``os.system`` or anything else ends the load with
     :class:`UnsafePickleError` before anything runs. The pure-Python unpickler is used so that BUILD can be
-    refused outright: torch state dicts never need it, and it is how a pickle would rewrite attributes of
-    the stand-ins (a function's ``__code__``, say) for every later load in the process.
+    restricted: ``model.state_dict()`` pickles its ``_metadata`` (module versions) as BUILD on the OrderedDict,
+    which is accepted and dropped; BUILD on anything else is how a pickle would rewrite attributes of the
+    stand-ins (a function's ``__code__``, say) for every later load in the process, and is refused.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def _refuse_build(self):
-        raise UnsafePickleError(self._path, "pickle uses BUILD to set object state, which a state dict never needs; nothing was executed")
+    def _load_build(self):
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if type(target) in (OrderedDict, dict) and isinstance(state, dict):
+            return  # a state dict's _metadata: shardkit has no use for it
+        raise UnsafePickleError(
+            self._path, f"pickle uses BUILD to set the state of a {type(target).__name__}, which a state dict never needs; nothing was executed"
+        )
 
-    dispatch[pickle.BUILD[0]] = _refuse_build
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def __init__(self, path: str, data: bytes, records: dict[str, Record], prefix: str) -> None:
         super().__init__(io.BytesIO(data))
