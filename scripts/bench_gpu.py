@@ -109,11 +109,23 @@ def timed_forward(model, shape, repeats: int = 3, before_each=None):
 
 
 def output_digest(out) -> str:
+    """SHA-256 of the output's bytes, streamed to the host 64 MiB at a time (so it adds nothing to peak RSS)."""
     import hashlib
 
     import torch
 
-    return hashlib.sha256(out.contiguous().view(torch.int16).cpu().numpy().tobytes()).hexdigest()[:16]
+    flat = out.contiguous().view(-1).view(torch.uint8)
+    digest = hashlib.sha256()
+    for start in range(0, flat.numel(), 64 << 20):
+        digest.update(flat[start : start + (64 << 20)].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def gpu_overhead(total_bytes: int, offloaded: int) -> int:
+    """GPU bytes at peak beyond the weights kept resident there: staging buffers plus activations."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() - (total_bytes - offloaded)
 
 
 # --- workers ----------------------------------------------------------------------------------------------------
@@ -166,23 +178,35 @@ def worker_hardware(args) -> dict:
     files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
     total = sum(p.stat().st_size for p in files)
     chunk = 64 << 20
-    buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT requires
 
-    def read_all(direct: bool) -> float:
+    def read_all(direct: bool, threads: int = 1) -> float:
+        """Whole files in 64 MiB reads; with threads, each thread reads every n-th chunk (page-aligned buffers)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        buffers = [mmap.mmap(-1, chunk) for _ in range(threads)]
+
+        def reader(index: int) -> None:
+            for path in files:
+                fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                try:
+                    size = os.fstat(fd).st_size
+                    for offset in range(index * chunk, size, threads * chunk):
+                        os.preadv(fd, [buffers[index]], offset)
+                finally:
+                    os.close(fd)
+
         start = time.perf_counter()
-        for path in files:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-            try:
-                while os.readv(fd, [buffer]) > 0:
-                    pass
-            finally:
-                os.close(fd)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(reader, range(threads)))
         return total / (time.perf_counter() - start) / 1e9
 
     drop_page_cache(folder)
-    result["disk_direct"] = read_all(direct=True)
+    single = read_all(direct=True)
+    drop_page_cache(folder)
+    parallel = read_all(direct=True, threads=4)
+    result["disk_direct_1thread"], result["disk_direct"] = single, max(single, parallel)
     warm_page_cache(folder)
-    result["disk_cached"] = read_all(direct=False)
+    result["disk_cached"] = max(read_all(direct=False), read_all(direct=False, threads=4))
     return result
 
 
@@ -253,13 +277,11 @@ def worker_offload(args) -> dict:
         p.numel() * 2 for n, p in _named_weights(model, folder) if _placement(device_map, n) in ("cpu", "disk")
     )
     result = {"load_seconds": load_seconds, "offloaded_bytes": offloaded, "shapes": {}}
-    torch.cuda.reset_peak_memory_stats()
-    resident = torch.cuda.memory_allocated()
+    total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     for key in args.shapes.split(","):
         seconds, out = timed_forward(model, SHAPES[key], repeats=1 if args.cold else 3, before_each=before_each)
-        result["shapes"][key] = {"seconds": seconds, "digest": output_digest(out)}
+        result["shapes"][key] = {"seconds": seconds, "digest": output_digest(out), "gpu_overhead": gpu_overhead(total, offloaded)}
         del out
-    result["gpu_streaming_bytes"] = torch.cuda.max_memory_allocated() - resident
     result["peak_rss"] = peak_rss()
     return result
 
@@ -303,13 +325,10 @@ def _diffusers_offload(args, folder: Path) -> dict:
     pin_seconds = time.perf_counter() - start
     offloaded = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {"load_seconds": load_seconds, "pin_seconds": pin_seconds, "offloaded_bytes": offloaded, "shapes": {}}
-    torch.cuda.reset_peak_memory_stats()
-    resident = torch.cuda.memory_allocated()
     for key in args.shapes.split(","):
         seconds, out = timed_forward(model, SHAPES[key])
-        result["shapes"][key] = {"seconds": seconds, "digest": output_digest(out)}
+        result["shapes"][key] = {"seconds": seconds, "digest": output_digest(out), "gpu_overhead": gpu_overhead(offloaded, offloaded)}
         del out
-    result["gpu_streaming_bytes"] = torch.cuda.max_memory_allocated() - resident
     result["peak_rss"] = peak_rss()
     return result
 
@@ -346,7 +365,39 @@ def worker_gpu_reference(args) -> dict:
     return result
 
 
+def worker_two_gpus(args) -> dict:
+    """shardkit with a "balanced" map over two GPUs (2 GiB of weights each) plus the CPU tier."""
+    import torch
+
+    import shardkit
+
+    folder = Path(args.checkpoint)
+    model = empty_model(shardkit, args.layers)
+    warm_page_cache(folder)
+    max_memory = {0: GPU_CAP, 1: GPU_CAP, "cpu": 512 * 2**30}
+    start = time.perf_counter()
+    shardkit.load_checkpoint_and_dispatch(model, str(folder), device_map="balanced", max_memory=max_memory,
+                                          dtype=torch.bfloat16, no_split_module_classes=["LlamaDecoderLayer"])
+    load_seconds = time.perf_counter() - start
+    devices = sorted({str(d) for d in model.hf_device_map.values()})
+    offloaded = sum(e.nbytes for n, e in _named_entries(folder) if _placement(model.hf_device_map, n) in ("cpu", "disk"))
+    result = {"load_seconds": load_seconds, "devices": devices, "offloaded_bytes": offloaded, "shapes": {}}
+    for key in args.shapes.split(","):
+        seconds, out = timed_forward(model, SHAPES[key])
+        result["shapes"][key] = {"seconds": seconds, "digest": output_digest(out)}
+        del out
+    result["peak_rss"] = peak_rss()
+    return result
+
+
+def _named_entries(folder):
+    from shardkit import open_checkpoint
+
+    return [(e.name, e) for e in open_checkpoint(folder).stored]
+
+
 WORKERS = {
+    "twogpu": worker_two_gpus,
     "generate": worker_generate,
     "hardware": worker_hardware,
     "load": worker_load,
@@ -386,8 +437,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--shapes", default="128tok,1tok,4x4096")
     parser.add_argument("--libs", default="accelerate,diffusers,shardkit")
-    parser.add_argument("--cases", default="load,cpu,allcpu,disk")
-    parser.add_argument("--out", help="write all results as JSON here")
+    parser.add_argument("--cases", default="load,cpu,allcpu,disk,twogpu")
+    parser.add_argument("--out", help="results JSON (default: WORKDIR/results-<layers>l.json), rewritten after each case")
+    parser.add_argument("--resume", action="store_true", help="keep the cases already in --out and run only the others")
     parser.add_argument("--case-timeout", type=int, default=240)
     parser.add_argument("--worker")
     parser.add_argument("--lib")
@@ -402,28 +454,40 @@ def main() -> None:
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"layers": args.layers}
+    out = Path(args.out or args.workdir / f"results-{args.layers}l.json")
+    results: dict = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    results["layers"] = args.layers
+
+    def case(key: str, name: str, **extra) -> None:
+        if results.get(key) is None:  # --resume skips what an earlier run of the same checkpoint measured
+            results[key] = run_worker(args, name, **extra)
+            out.write_text(json.dumps(results, indent=2))
+
     if not (args.checkpoint / "config.json").exists():
-        results["checkpoint"] = run_worker(args, "generate")
+        case("checkpoint", "generate")
     results["bytes"] = sum(p.stat().st_size for p in args.checkpoint.glob("*.safetensors"))
-    results["hardware"] = run_worker(args, "hardware")
-    results["gpu"] = run_worker(args, "gpu")
-    libs = args.libs.split(",")
+    case("hardware", "hardware")
+    case("gpu", "gpu")
     cases = args.cases.split(",")
-    for lib in libs:
+    for lib in args.libs.split(","):
         if "load" in cases and lib != "diffusers":
-            results[f"{lib}/load-cold"] = run_worker(args, "load", lib=lib, cold=True)
-            results[f"{lib}/load-warm"] = run_worker(args, "load", lib=lib)
+            case(f"{lib}/load-cold", "load", lib=lib, cold=True)
+            case(f"{lib}/load-warm", "load", lib=lib)
         if "cpu" in cases:
-            results[f"{lib}/cpu"] = run_worker(args, "offload", lib=lib, tier="cpu")
+            case(f"{lib}/cpu", "offload", lib=lib, tier="cpu")
         if "allcpu" in cases and lib != "diffusers":
-            results[f"{lib}/allcpu"] = run_worker(args, "offload", lib=lib, tier="allcpu", shapes="128tok")
+            case(f"{lib}/allcpu", "offload", lib=lib, tier="allcpu", shapes="128tok")
         if "disk" in cases and lib != "diffusers":
-            results[f"{lib}/disk-warm"] = run_worker(args, "offload", lib=lib, tier="disk")
-            results[f"{lib}/disk-cold"] = run_worker(args, "offload", lib=lib, tier="disk", cold=True, shapes="128tok")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+            case(f"{lib}/disk-warm", "offload", lib=lib, tier="disk")
+            case(f"{lib}/disk-cold", "offload", lib=lib, tier="disk", cold=True, shapes="128tok")
+    if "twogpu" in cases and _gpu_count() >= 2:
+        case("shardkit/2gpu-cpu", "twogpu")
     print(render(results))
+
+
+def _gpu_count() -> int:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
 def render(results: dict) -> str:
@@ -449,7 +513,7 @@ def render(results: dict) -> str:
             r = results.get(f"{lib}/{kind}")
             if r:
                 add(f"{lib} {kind}", r["seconds"], total, base, hw.get(limit_key), r["peak_rss"])
-    for tier, limit_key in (("cpu", "h2d_pinned"), ("allcpu", "h2d_pinned"), ("disk-warm", "disk_cached"), ("disk-cold", "disk_direct")):
+    for tier, limit_key in (("cpu", "h2d_pinned"), ("2gpu-cpu", "h2d_pinned"), ("allcpu", "h2d_pinned"), ("disk-warm", "disk_cached"), ("disk-cold", "disk_direct")):
         base_r = results.get(f"accelerate/{tier}") or {}
         for lib in ("accelerate", "diffusers", "shardkit"):
             r = results.get(f"{lib}/{tier}")
@@ -464,11 +528,13 @@ def render(results: dict) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = [f"checkpoint: {total / 1e9:.2f} GB, {results['layers']} layers; GPU capped at {GPU_CAP / 2**30:.0f} GiB for weights"]
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    for lib, tier in (("diffusers", "cpu"), ("accelerate", "allcpu"), ("shardkit", "allcpu")):
+    for lib, tier in (("accelerate", "cpu"), ("diffusers", "cpu"), ("shardkit", "cpu"), ("accelerate", "allcpu"), ("shardkit", "allcpu"), ("accelerate", "disk-warm"), ("shardkit", "disk-warm")):
         r = results.get(f"{lib}/{tier}")
         if r:
             extra = f", pinning {r['pin_seconds']:.2f} s" if "pin_seconds" in r else ""
-            lines.append(f"{lib} {tier} tier: load {r['load_seconds']:.2f} s{extra}, GPU streaming memory {r['gpu_streaming_bytes'] / 2**30:.2f} GiB, peak RSS {r['peak_rss'] / total:.2f}x the weights")
+            first = next(iter(r["shapes"].values()))
+            lines.append(f"{lib} {tier} tier: load {r['load_seconds']:.2f} s{extra}, GPU memory beyond resident weights "
+                         f"{first['gpu_overhead'] / 2**30:.2f} GiB (first shape), peak RSS {r['peak_rss'] / total:.2f}x the weights")
     return "\n".join(lines)
 
 

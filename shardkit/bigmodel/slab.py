@@ -6,6 +6,7 @@ into a staging slab with the same layout; its parameters are views into whicheve
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 #: Byte alignment of every tensor inside a slab (what GPU kernels like best for vectorized loads).
@@ -45,7 +46,38 @@ def allocate(nbytes: int, device="cpu", pin: bool = False):
     """An uninitialized uint8 buffer of ``nbytes`` (at least one byte), page-locked when ``pin`` and on the CPU."""
     import torch
 
-    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device, pin_memory=pin and torch.device(device).type == "cpu")
+    if pin and torch.device(device).type == "cpu" and torch.cuda.is_available():
+        return _pinned(max(nbytes, 1))
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+
+
+def _pinned(nbytes: int):
+    """Page-locked host memory of exactly ``nbytes`` (whole pages).
+
+    torch's pinned allocator rounds every request up to a power of two (a 404 MB decoder layer takes 512 MiB, a
+    7 GB CPU tier 8.9 GB) and keeps freed blocks cached; an anonymous mapping registered with CUDA costs only
+    its own pages, and goes back to the system (unregistered first) when the last tensor viewing it is freed.
+    """
+    import torch
+
+    region = _PinnedRegion(-1, nbytes)  # anonymous, page-aligned
+    tensor = torch.frombuffer(region, dtype=torch.uint8)
+    if int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)) != 0:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # registration refused: torch's allocator
+    region.registered = tensor.data_ptr()
+    return tensor
+
+
+class _PinnedRegion(mmap.mmap):
+    """An anonymous mapping that unregisters itself from CUDA before it is unmapped (tensors keep it alive)."""
+
+    registered: int | None = None
+
+    def __del__(self) -> None:
+        if self.registered is not None:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.registered)
 
 
 def as_bytes(tensor):
