@@ -466,9 +466,10 @@ def main() -> None:
     if not (args.checkpoint / "config.json").exists():
         case("checkpoint", "generate")
     results["bytes"] = sum(p.stat().st_size for p in args.checkpoint.glob("*.safetensors"))
-    case("hardware", "hardware")
-    case("gpu", "gpu")
     cases = args.cases.split(",")
+    if set(cases) & {"load", "cpu", "allcpu", "disk"}:
+        case("hardware", "hardware")
+    case("gpu", "gpu")
     for lib in args.libs.split(","):
         if "load" in cases and lib != "diffusers":
             case(f"{lib}/load-cold", "load", lib=lib, cold=True)
@@ -493,6 +494,7 @@ def _gpu_count() -> int:
 def render(results: dict) -> str:
     """The summary table: seconds, GB/s, ratio to accelerate, ratio to the hardware limit; digests compared."""
     hw = results.get("hardware") or {}
+    results.setdefault("bytes", 0)
     total = results["bytes"]
     gpu = (results.get("gpu") or {}).get("shapes", {})
     rows = [("case", "seconds", "GB/s", "x accelerate", "% of limit", "peak RSS GiB", "bitwise = GPU")]
