@@ -65,6 +65,7 @@ def _pinned(nbytes: int):
     if int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)) != 0:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # registration refused: torch's allocator
     region.registered = tensor.data_ptr()
+    region.unregister = torch.cuda.cudart().cudaHostUnregister  # bound now: __del__ may run at interpreter exit
     return tensor
 
 
@@ -72,12 +73,11 @@ class _PinnedRegion(mmap.mmap):
     """An anonymous mapping that unregisters itself from CUDA before it is unmapped (tensors keep it alive)."""
 
     registered: int | None = None
+    unregister = None
 
     def __del__(self) -> None:
-        if self.registered is not None:
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(self.registered)
+        if self.registered is not None and self.unregister is not None:
+            self.unregister(self.registered)
 
 
 def as_bytes(tensor):
