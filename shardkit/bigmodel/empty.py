@@ -61,3 +61,23 @@ def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
     """
     with init_on_device("meta", include_buffers=include_buffers):
         yield
+
+
+def empty_model_from_config(config_path: str):
+    """The transformers model a ``config.json`` (or its folder) describes, with empty weights.
+
+    The class is the config's first ``architectures`` entry when transformers has it (``BertModel``, not a guessed
+    head), else ``AutoModel``'s choice. Imports torch and transformers.
+    """
+    import os
+
+    import transformers
+
+    folder = os.path.dirname(config_path) if config_path.endswith(".json") else config_path
+    config = transformers.AutoConfig.from_pretrained(folder)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    with init_empty_weights():
+        if model_class is not None and hasattr(model_class, "_from_config"):
+            return model_class._from_config(config)
+        return transformers.AutoModel.from_config(config)

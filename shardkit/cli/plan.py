@@ -66,21 +66,12 @@ def plan_command(checkpoint: str, max_memory: str, dtype: str | None, model_conf
 
 
 def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str]):
-    import os
-
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
     from ..bigmodel.devicemap import infer_auto_device_map
-    from ..bigmodel.empty import init_empty_weights
+    from ..bigmodel.empty import empty_model_from_config
     from ..bigmodel.sizes import compute_module_sizes
     from ..dtypes import torch_dtype
 
-    config = AutoConfig.from_pretrained(os.path.dirname(path) if path.endswith(".json") else path)
-    with init_empty_weights():
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            model = AutoModel.from_config(config)
+    model = empty_model_from_config(path)
     no_split = no_split or list(getattr(model, "_no_split_modules", None) or [])
     dt = torch_dtype(dtype) if dtype else None
     return infer_auto_device_map(model, budget, no_split, dt), compute_module_sizes(model, dtype=dt)

@@ -15,17 +15,10 @@ from .report import Report
 
 
 def build_meta_model(config_path: str):
-    """The transformers model ``config_path`` describes, on the meta device. Imports torch and transformers."""
-    import torch
-    import transformers
+    """The transformers model ``config_path`` describes, with empty weights. Imports torch and transformers."""
+    from ..bigmodel.empty import empty_model_from_config
 
-    config = transformers.AutoConfig.from_pretrained(config_path)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    with torch.device("meta"):
-        if model_class is not None and hasattr(model_class, "_from_config"):
-            return model_class._from_config(config)
-        return transformers.AutoModel.from_config(config)
+    return empty_model_from_config(config_path)
 
 
 def check_model(checkpoint: Checkpoint, config_path: str | None, report: Report) -> None:
