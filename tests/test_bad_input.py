@@ -145,10 +145,10 @@ def test_pickle_build_cannot_rewrite_stand_ins(tmp_path):
     with pytest.raises(UnsafePickleError, match="BUILD"):
         open_checkpoint(bad)
     # The stand-in is untouched and still works for the next file.
-    from shardkit.formats import torchzip
+    from shardkit.formats import unpickler
     from shardkit.tensors import load_tensor
 
-    assert torchzip._tensor_v2.__code__.co_name == "_tensor_v2"
+    assert unpickler._tensor_v2.__code__.co_name == "_tensor_v2"
     assert torch.equal(load_tensor(open_checkpoint(good)["w"]), torch.ones(2))
 
 
