@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import importlib
+from shardkit._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -58,15 +58,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'shardkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports('shardkit', globals(), _EXPORTS)

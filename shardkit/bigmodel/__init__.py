@@ -6,7 +6,7 @@ resolved lazily; ``shardkit.bigmodel.placement`` (used by ``shardkit plan``) nev
 
 from __future__ import annotations
 
-import importlib
+from shardkit._lazy import lazy_exports
 
 _EXPORTS = {
     "init_empty_weights": "shardkit.bigmodel.empty",
@@ -31,11 +31,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'shardkit.bigmodel' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports('shardkit.bigmodel', globals(), _EXPORTS)
