@@ -63,6 +63,19 @@ def main() -> None:
     """
 
 
+def hub_options(command):
+    """``--revision``, ``--subfolder``, ``--repo-type``, ``--token``: where a Hub repo id's checkpoint is."""
+    options = [
+        click.option("--revision", help="Hub repo: branch, tag or commit (default main). Local HF cache folder: the snapshot."),
+        click.option("--subfolder", help="Hub repo (or folder): the subfolder holding the checkpoint."),
+        click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True, help="Hub repo type."),
+        click.option("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def emit_json(data: object) -> None:
     """Print ``data`` as indented JSON (orjson) on stdout."""
     import orjson

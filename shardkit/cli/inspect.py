@@ -10,16 +10,13 @@ from ..hub.remote import looks_like_repo_id
 from ..reader import open_checkpoint
 from ..sizes import format_size
 from ..summary import summarize
-from . import emit_json
+from . import emit_json, hub_options
 
 
 @click.command("inspect")
 @click.argument("path")
 @click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends in a folder.")
-@click.option("--revision", help="Hub repo: branch, tag or commit (default main).")
-@click.option("--subfolder", help="Hub repo: the subfolder holding the checkpoint.")
-@click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True, help="Hub repo type.")
-@click.option("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
+@hub_options
 @click.option("--tensors", "list_tensors", is_flag=True, help="Also list every tensor with dtype, shape and file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(path: str, variant: str | None, revision: str | None, subfolder: str | None, repo_type: str,

@@ -6,7 +6,7 @@ import click
 
 from ..resharding import DEFAULT_MAX_SHARD_SIZE, WriteSummary
 from ..sizes import format_size
-from . import emit_json
+from . import emit_json, hub_options
 
 
 def write_options(command):
@@ -16,10 +16,6 @@ def write_options(command):
                      help="Output format: .safetensors files or torch .bin zips."),
         click.option("--dtype", help="Cast floating tensors to bf16, fp16 or fp32 (goes through torch one tensor at a time)."),
         click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends in a SRC folder or repo."),
-        click.option("--revision", help="Branch, tag or commit when SRC is a Hub repo id (org/name)."),
-        click.option("--subfolder", help="Folder inside the Hub repo that holds the checkpoint."),
-        click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True),
-        click.option("--token", help="Hub token (default: HF_TOKEN or the token huggingface_hub stored)."),
         click.option("--overwrite", is_flag=True, help="Replace the checkpoint in a non-empty DST (its stale shards are removed)."),
         click.option("--verify", is_flag=True, help="Read every written tensor back and compare it with its source."),
         click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, tensor counts) and write nothing."),
@@ -28,7 +24,7 @@ def write_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return hub_options(command)
 
 
 @click.command("split")
@@ -60,7 +56,7 @@ def local_source(src: str, *, revision, subfolder, variant, repo_type, token, qu
     from ..hub.remote import looks_like_repo_id
 
     if os.path.exists(src) or not looks_like_repo_id(src):
-        return src
+        return os.path.join(src, subfolder) if subfolder else src
     from ..hub import download_checkpoint
 
     if quiet:

@@ -7,16 +7,13 @@ import sys
 import click
 
 from ..sizes import format_size
-from . import emit_json
+from . import emit_json, hub_options
 
 
 @click.command("validate")
 @click.argument("target")
-@click.option("--revision", help="Hub repo: branch, tag or commit (default main). Local HF cache folder: the snapshot.")
-@click.option("--subfolder", help="Validate the checkpoint in this subfolder of the folder or repo.")
+@hub_options
 @click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends.")
-@click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True, help="Hub repo type.")
-@click.option("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
 @click.option("--deep", is_flag=True, help="Also read tensor data: NaN/Inf counts, all-zero tensors (downloads a Hub repo's checkpoint).")
 @click.option("--checksums", type=click.Path(dir_okay=False), help="Per-tensor SHA-256 manifest: compared if FILE exists, else written.")
 @click.option(
