@@ -48,10 +48,12 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int,
     if (src_offset - dst_offset) % PAGE_SIZE and count > PAGE_SIZE:
         copy_buffered(src, src_offset, dst, dst_offset, count, src_path)
         return
-    if _methods["copy_file_range"]:
+    for name, call in _KERNEL_COPIES.items():
+        if not _methods[name]:
+            continue
         try:
             while done < count:
-                moved = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
+                moved = call(src, dst, count - done, src_offset + done, dst_offset + done)
                 if moved == 0:
                     raise _short(src_path, src_offset + done, count - done)
                 done += moved
@@ -59,21 +61,20 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int,
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
-            _methods["copy_file_range"] = False
-    if _methods["sendfile"]:
-        try:
-            os.lseek(dst, dst_offset + done, os.SEEK_SET)
-            while done < count:
-                moved = os.sendfile(dst, src, src_offset + done, count - done)
-                if moved == 0:
-                    raise _short(src_path, src_offset + done, count - done)
-                done += moved
-            return
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            _methods["sendfile"] = False
+            _methods[name] = False  # this kernel/filesystem can't: don't try it again
     copy_buffered(src, src_offset + done, dst, dst_offset + done, count - done, src_path)
+
+
+def _sendfile(src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+    os.lseek(dst, dst_offset, os.SEEK_SET)  # sendfile writes at the destination's file position
+    return os.sendfile(dst, src, src_offset, count)
+
+
+#: In-kernel copies, tried in this order: ``(src, dst, count, src_offset, dst_offset) -> bytes moved``.
+_KERNEL_COPIES = {
+    "copy_file_range": lambda src, dst, count, src_offset, dst_offset: os.copy_file_range(src, dst, count, src_offset, dst_offset),
+    "sendfile": _sendfile,
+}
 
 
 def copy_buffered(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str, crc: int | None = None) -> int | None:
