@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: Packages only some work needs (materializing tensors, building models) -> how to install them.
+_OPTIONAL = {"torch": "'shardkit[torch]'", "safetensors": "'shardkit[torch]'", "transformers": "transformers"}
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -44,6 +48,11 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except ShardkitError as exc:
             click.echo(f"shardkit: error: {exc}", err=True)
+            ctx.exit(2)
+        except ModuleNotFoundError as exc:
+            if exc.name not in _OPTIONAL:
+                raise
+            click.echo(f"shardkit: error: this needs {exc.name}, which is not installed: pip install {_OPTIONAL[exc.name]}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("shardkit: interrupted; nothing was left half-written", err=True)
