@@ -114,7 +114,7 @@ def write(checkpoint: Checkpoint, plan: Plan, dst, *, overwrite: bool = False, v
             written = write_plan(plan, folder, sources, bar.update if bar else lambda n: None, after_file=_stall_hook())
             if verify:
                 verify_plan(plan, folder, sources, bar.update if bar else lambda n: None)
-            staging.commit([f.name for f in plan.files], plan.index_name)
+            staging.commit()
     except OSError as exc:
         reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else exc.strerror or str(exc)
         raise OutputError(f"{dst}: cannot write the output ({reason}); nothing was written", code="write-failed") from None

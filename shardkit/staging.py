@@ -1,9 +1,11 @@
 """Atomic output folders: build everything in a hidden temporary folder beside DST, then move it into place.
 
-A fresh DST appears in one ``rename`` of the finished, fsynced folder. An existing DST (``overwrite``) keeps its
-other files (config, tokenizer): the old index goes first, then the new shards are moved in, the old layout's
-stale shards removed, and the new index (or single file) moved in last, so no moment shows a checkpoint that
-loads wrongly. A killed run leaves only the temporary folder, which the next run removes.
+A fresh DST appears in one ``rename`` of the finished, fsynced folder. An existing DST (``overwrite``) is
+swapped whole: its other files (config, tokenizer, subfolders) are hard-linked (or copied) into the finished
+folder, DST is renamed aside, the new folder renamed into its place, and the old one removed. At every moment
+DST is the old checkpoint or the new one; a run killed between the two renames leaves the old folder aside,
+and the next run puts it back before doing anything else. A killed run's temporary folder is removed by the
+next run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from .errors import UsageError
 
 _TEMP_MARK = ".shardkit-tmp-"
+_OLD_MARK = ".shardkit-old-"
 
 #: Files that belong to a checkpoint layout shardkit writes: single files, shards and indexes.
 _LAYOUT_RE = re.compile(r"^(?:model|pytorch_model)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)(?:\.index\.json)?$")
@@ -45,8 +48,8 @@ class Staging:
         if self.folder is not None and self.folder.exists():
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def commit(self, files: list[str], index: str | None) -> None:
-        """Publish ``files`` (shards or one single file) and ``index`` from the staging folder into DST."""
+    def commit(self) -> None:
+        """Publish the finished staging folder as DST (swapping out an existing DST, keeping its other files)."""
         folder = self.folder
         _fsync_dir(folder)
         if not self.dst.exists() or (self.dst.is_dir() and not any(self.dst.iterdir())):
@@ -54,15 +57,35 @@ class Staging:
             self.folder = None
             _fsync_dir(self.dst.parent)
             return
-        new = files + ([index] if index else [])
-        old = [p for p in self.dst.iterdir() if _LAYOUT_RE.match(p.name)]
-        for path in [p for p in old if p.name.endswith(".json")] + [p for p in old if not p.name.endswith(".json") and p.name not in new]:
-            path.unlink()  # the old index first: from here on the old layout no longer looks loadable
-        for name in new[:-1]:
-            os.replace(folder / name, self.dst / name)
-        _fsync_dir(self.dst)
-        os.replace(folder / new[-1], self.dst / new[-1])  # the index (or single file) last
-        _fsync_dir(self.dst)
+        _keep_other_files(self.dst, folder)
+        _fsync_dir(folder)
+        aside = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}{_OLD_MARK}{os.getpid()}-", dir=self.dst.parent))
+        os.replace(self.dst, aside)  # an empty folder is replaced atomically
+        os.replace(folder, self.dst)
+        self.folder = None
+        _fsync_dir(self.dst.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _keep_other_files(dst: Path, folder: Path) -> None:
+    """Put everything in ``dst`` that is not part of a checkpoint layout into ``folder``, by hard link where possible."""
+    for path in dst.iterdir():
+        if _LAYOUT_RE.match(path.name):
+            continue
+        target = folder / path.name
+        if path.is_symlink():
+            os.symlink(os.readlink(path), target)
+        elif path.is_dir():
+            shutil.copytree(path, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, target)
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def check_destination(dst: Path, overwrite: bool) -> None:
@@ -87,12 +110,18 @@ def refuse_inside(dst: str | os.PathLike, source: str | os.PathLike, source_file
 
 
 def remove_stale(dst: Path) -> None:
-    """Remove temporary folders left beside ``dst`` by killed runs (their process no longer exists)."""
-    prefix = f".{dst.name}{_TEMP_MARK}"
-    for path in dst.parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+    """Clean up after killed runs (their process no longer exists): put back a DST left aside by an interrupted
+    overwrite, remove their temporary and set-aside folders."""
+    for mark in (_OLD_MARK, _TEMP_MARK):
+        prefix = f".{dst.name}{mark}"
+        for path in dst.parent.glob(f"{prefix}*"):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            if not (pid.isdigit() and not _alive(int(pid)) and path.is_dir()):
+                continue
+            if mark == _OLD_MARK and not dst.exists():
+                os.replace(path, dst)  # killed between the two renames of a swap: the old checkpoint comes back
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

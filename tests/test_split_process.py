@@ -169,3 +169,46 @@ def test_json_summary_of_a_real_run(tmp_path):
     summary = orjson.loads(result.stdout)
     assert summary["files"] == [{"name": "model.safetensors", "size": (tmp_path / "out" / "model.safetensors").stat().st_size, "tensors": 16}]
     assert summary["verified"] and summary["dropped"] == {"model.embed_tokens.weight": "lm_head.weight"} and summary["materialized"] == 0
+
+
+def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
+    """With --overwrite, DST is swapped whole: a run killed midway leaves the old checkpoint exactly as it was."""
+    save_bin(lm_state(), tmp_path / "src.bin")
+    out = tmp_path / "out"
+    shardkit.split(tmp_path / "src.bin", out, max_shard_size=1000)
+    (out / "config.json").write_text('{"keep": true}')
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardkit", "split", str(tmp_path / "src.bin"), str(out), "--max-shard-size", "300", "--overwrite"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(SHARDKIT_TEST_STALL_AFTER_FILE="60"), cwd=ROOT, text=True,
+    )
+    try:
+        assert process.stderr.readline().startswith("shardkit: wrote ")
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    result = run_shardkit("split", tmp_path / "src.bin", out, "--max-shard-size", "300", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").read_text() == '{"keep": true}' and (out / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
+    assert len(list(out.glob("model-*-of-00009.safetensors"))) == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src.bin"]
+
+
+def test_swap_interrupted_between_its_renames_is_repaired(tmp_path):
+    """A crash after DST was set aside and before the new folder took its place: the next run puts the old one back."""
+    from shardkit.staging import remove_stale
+
+    save_bin(lm_state(), tmp_path / "src.bin")
+    out = tmp_path / "out"
+    shardkit.split(tmp_path / "src.bin", out, max_shard_size=1000)
+    before = sorted(os.listdir(out))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    aside = tmp_path / f".out.shardkit-old-{dead}-x1"
+    os.replace(out, aside)
+    remove_stale(out)
+    assert sorted(os.listdir(out)) == before and not aside.exists()
+    assert shardkit.open_checkpoint(out).total_bytes == shardkit.open_checkpoint(tmp_path / "src.bin").total_bytes
