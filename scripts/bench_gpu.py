@@ -273,9 +273,7 @@ def worker_offload(args) -> dict:
     torch.cuda.synchronize()
     load_seconds = time.perf_counter() - start
     before_each = (lambda: drop_page_cache(folder)) if args.tier == "disk" and args.cold else None
-    offloaded = sum(
-        p.numel() * 2 for n, p in _named_weights(model, folder) if _placement(device_map, n) in ("cpu", "disk")
-    )
+    offloaded = offloaded_bytes(folder, device_map)
     result = {"load_seconds": load_seconds, "offloaded_bytes": offloaded, "shapes": {}}
     total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     for key in args.shapes.split(","):
@@ -286,29 +284,12 @@ def worker_offload(args) -> dict:
     return result
 
 
-def _named_weights(model, folder):
+def offloaded_bytes(folder: Path, device_map: dict) -> int:
+    """Bytes of the checkpoint's tensors that ``device_map`` puts on the CPU or disk tier."""
     from shardkit import open_checkpoint
+    from shardkit.bigmodel.devicemap import covering_key
 
-    checkpoint = open_checkpoint(folder)
-    for entry in checkpoint.stored:
-        yield entry.name, _Numel(entry.numel)
-
-
-class _Numel:
-    def __init__(self, n):
-        self.n = n
-
-    def numel(self):
-        return self.n
-
-
-def _placement(device_map: dict, name: str):
-    best = None
-    for key, device in device_map.items():
-        if key == "" or name == key or name.startswith(key + "."):
-            if best is None or len(key) > len(best[0]):
-                best = (key, device)
-    return best[1] if best else None
+    return sum(e.nbytes for e in open_checkpoint(folder).stored if device_map.get(covering_key(e.name, device_map)) in ("cpu", "disk"))
 
 
 def _diffusers_offload(args, folder: Path) -> dict:
@@ -380,7 +361,7 @@ def worker_two_gpus(args) -> dict:
                                           dtype=torch.bfloat16, no_split_module_classes=["LlamaDecoderLayer"])
     load_seconds = time.perf_counter() - start
     devices = sorted({str(d) for d in model.hf_device_map.values()})
-    offloaded = sum(e.nbytes for n, e in _named_entries(folder) if _placement(model.hf_device_map, n) in ("cpu", "disk"))
+    offloaded = offloaded_bytes(folder, model.hf_device_map)
     result = {"load_seconds": load_seconds, "devices": devices, "offloaded_bytes": offloaded, "shapes": {}}
     for key in args.shapes.split(","):
         seconds, out = timed_forward(model, SHAPES[key])
@@ -388,12 +369,6 @@ def worker_two_gpus(args) -> dict:
         del out
     result["peak_rss"] = peak_rss()
     return result
-
-
-def _named_entries(folder):
-    from shardkit import open_checkpoint
-
-    return [(e.name, e) for e in open_checkpoint(folder).stored]
 
 
 WORKERS = {
