@@ -13,13 +13,11 @@ import orjson
 
 from .errors import CheckpointError, UnsafePathError
 from .formats import open_file
-from .naming import INDEX_RE, format_of_name, index_file_name, single_file_name
+from .naming import format_of_name, pick_checkpoint
 from .table import Checkpoint, IndexInfo, TensorEntry
 
 #: Index files hold names and file names only; a real one is far below this.
 MAX_INDEX_SIZE = 256 * 1024 * 1024
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 #: Metadata keys writers put in headers and indexes that are never alias records.
 _RESERVED_METADATA = frozenset({"format", "total_size", "total_parameters"})
@@ -126,27 +124,14 @@ def _resolve_cache_repo(folder: Path, revision: str) -> Path:
 
 def _resolve_folder(folder: Path, variant: str | None) -> Path:
     """The file or index that holds a folder's checkpoint, in transformers' order of preference."""
-    preferred = [
-        single_file_name("safetensors", variant),
-        index_file_name("safetensors", variant),
-        single_file_name("bin", variant),
-        index_file_name("bin", variant),
-    ]
-    for name in preferred:
-        if (folder / name).is_file():
-            return folder / name
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    indexes = [n for n in names if INDEX_RE.match(n) and (variant is None or INDEX_RE.match(n)["variant"] == variant)]
-    singles = [n for n in names if n.endswith(CHECKPOINT_SUFFIXES) and (variant is None or f".{variant}." in n)]
-    for group in (indexes, singles):
-        if len(group) == 1:
-            return folder / group[0]
-        if len(group) > 1:
-            raise CheckpointError(
-                str(folder), f"holds several checkpoints ({', '.join(group[:4])}); pass the file or index to use", code="ambiguous"
-            )
-    what = f" for variant {variant!r}" if variant else ""
-    raise CheckpointError(str(folder), f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
+    try:
+        selected = pick_checkpoint([p.name for p in folder.iterdir() if p.is_file()], variant)
+    except ValueError as exc:
+        raise CheckpointError(str(folder), f"holds several checkpoints ({exc}); pass the file or index to use", code="ambiguous") from None
+    if selected is None:
+        what = f" for variant {variant!r}" if variant else ""
+        raise CheckpointError(str(folder), f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
+    return folder / selected
 
 
 def _open_index(source: str, index_path: Path) -> Checkpoint:
