@@ -14,7 +14,7 @@ import orjson
 from .errors import CheckpointError, UnsafePathError
 from .formats import open_file
 from .naming import format_of_name, pick_checkpoint
-from .table import Checkpoint, IndexInfo, TensorEntry
+from .table import Checkpoint, FileInfo, IndexInfo, TensorEntry
 
 #: Index files hold names and file names only; a real one is far below this.
 MAX_INDEX_SIZE = 256 * 1024 * 1024
@@ -38,11 +38,7 @@ def open_checkpoint(path: str | os.PathLike, *, variant: str | None = None, revi
         target = _resolve_folder(_resolve_cache_repo(target, revision), variant)
     if target.name.endswith(".json"):
         return _open_index(source, target)
-    info, entries = open_file(str(target))
-    checkpoint = Checkpoint(source=source, format=info.format, entries={}, files=[info], root=str(target.parent))
-    _add_entries(checkpoint, entries)
-    _add_declared_aliases(checkpoint, info.metadata or {})
-    return checkpoint
+    return assemble_checkpoint(source, [(target.name, *open_file(str(target)))], root=str(target.parent))
 
 
 def read_index(path: str | os.PathLike) -> IndexInfo:
@@ -137,30 +133,39 @@ def _resolve_folder(folder: Path, variant: str | None) -> Path:
 def _open_index(source: str, index_path: Path) -> Checkpoint:
     index = read_index(index_path)
     folder = index_path.parent
-    files_by_name = {name: resolve_in_folder(folder, name, index_path=str(index_path)) for name in sorted(set(index.weight_map.values()))}
-    formats = {format_of_name(name) for name in files_by_name}
-    checkpoint = Checkpoint(source=source, format="", entries={}, files=[], root=str(folder), index=index)
-    for name, file_path in files_by_name.items():
+    opened = []
+    for name in sorted(set(index.weight_map.values())):
+        file_path = resolve_in_folder(folder, name, index_path=str(index_path))
         if not file_path.exists():
             raise CheckpointError(str(index_path), f"names {name!r}, which is missing from {folder}", code="missing-shard")
-        info, entries = open_file(str(file_path))
-        checkpoint.files.append(info)
-        _add_entries(checkpoint, entries, index_path=str(index_path))
-    checkpoint.format = checkpoint.files[0].format if len({f.format for f in checkpoint.files}) == 1 else "mixed"
-    if len(formats) > 1:
-        checkpoint.format = "mixed"
+        opened.append((name, *open_file(str(file_path))))
+    return assemble_checkpoint(source, opened, root=str(folder), index=index, index_label=str(index_path))
 
-    # Aliases declared by writers that drop shared tensors: huggingface_hub in the index metadata, the
-    # safetensors conversion script in each shard's __metadata__ (while still listing the name in weight_map).
-    _add_declared_aliases(checkpoint, index.metadata)
+
+def assemble_checkpoint(source: str, opened: list[tuple[str, FileInfo, list[TensorEntry]]], *, root: str,
+                        index: IndexInfo | None = None, index_label: str | None = None) -> Checkpoint:
+    """One :class:`Checkpoint` from its opened files ``(name, info, entries)`` and, when sharded, its index.
+
+    Refuses a tensor stored in two files and an index key no file holds (unless a writer recorded it as an alias);
+    adds the aliases writers record in metadata. ``index_label`` names the index in errors (a path or a repo file).
+    """
+    checkpoint = Checkpoint(source=source, format="", entries={}, files=[], root=root, index=index)
+    for _, info, entries in opened:
+        checkpoint.files.append(info)
+        _add_entries(checkpoint, entries, index_path=index_label)
+    formats = {info.format for _, info, _ in opened}
+    named = {format_of_name(name) for name, _, _ in opened}
+    checkpoint.format = formats.pop() if len(formats) == 1 and len(named) == 1 else "mixed"
+
+    # Aliases declared by writers that drop shared tensors: huggingface_hub in the index metadata (or a single
+    # file's __metadata__), the safetensors conversion script in each shard's __metadata__ (while still listing
+    # the name in weight_map).
+    _add_declared_aliases(checkpoint, index.metadata if index else {})
     for info in checkpoint.files:
         _add_declared_aliases(checkpoint, info.metadata or {})
-    for name, file_name in index.weight_map.items():
-        entry = checkpoint.entries.get(name)
-        if entry is None:
-            raise CheckpointError(
-                str(index_path), f"maps {name!r} to {file_name!r}, but that file holds no such tensor", code="index-key-missing"
-            )
+    for name, file_name in (index.weight_map if index else {}).items():
+        if name not in checkpoint.entries:
+            raise CheckpointError(index_label, f"maps {name!r} to {file_name!r}, but that file holds no such tensor", code="index-key-missing")
     return checkpoint
 
 

@@ -20,7 +20,7 @@ from ..formats import sniff
 from ..formats.safetensors import header_problems, parse_header, parse_header_length
 from ..formats.torchzip import read_torch_zip
 from ..naming import INDEX_RE, pick_checkpoint
-from ..reader import MAX_INDEX_SIZE, _add_declared_aliases, _add_entries, check_relative_name, parse_index
+from ..reader import MAX_INDEX_SIZE, assemble_checkpoint, check_relative_name, parse_index
 from ..table import Checkpoint, FileInfo, IndexInfo, TensorEntry
 from .http import Fetcher, hub_endpoint, is_hub_failure, translate
 
@@ -291,30 +291,14 @@ def open_remote_checkpoint(repo_id: str, *, revision: str | None = None, subfold
     repo = HubRepo(repo_id, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
     selected = repo.select_checkpoint(variant)
     if not INDEX_RE.match(selected):
-        info, entries = repo.open_file(selected)
-        checkpoint = Checkpoint(source=repo.label, format=info.format, entries={}, files=[info], root="")
-        _add_entries(checkpoint, entries)
-        _add_declared_aliases(checkpoint, info.metadata or {})
-        return checkpoint
+        return assemble_checkpoint(repo.label, [(selected, *repo.open_file(selected))], root="")
     index = repo.read_index(selected)
-    checkpoint = Checkpoint(source=repo.label, format="", entries={}, files=[], root="", index=index)
     names = sorted(set(index.weight_map.values()))
     for name in names:
         repo.check_path(name)
     repo.prefetch(names)
-    for name in names:
-        info, entries = repo.open_file(name)
-        checkpoint.files.append(info)
-        _add_entries(checkpoint, entries, index_path=selected)
-    formats = {info.format for info in checkpoint.files}
-    checkpoint.format = formats.pop() if len(formats) == 1 else "mixed"
-    _add_declared_aliases(checkpoint, index.metadata)
-    for info in checkpoint.files:
-        _add_declared_aliases(checkpoint, info.metadata or {})
-    for name, file_name in index.weight_map.items():
-        if name not in checkpoint.entries:
-            raise CheckpointError(selected, f"maps {name!r} to {file_name!r}, but that file holds no such tensor", code="index-key-missing")
-    return checkpoint
+    opened = [(name, *repo.open_file(name)) for name in names]
+    return assemble_checkpoint(repo.label, opened, root="", index=index, index_label=selected)
 
 
 __all__ = ["HubRepo", "RangeFile", "looks_like_repo_id", "open_remote_checkpoint"]
