@@ -30,7 +30,8 @@ _UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno
 _methods = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
 
 
-def _short(path: str, offset: int, missing: int) -> CheckpointError:
+def short_read(path: str, offset: int, missing: int) -> CheckpointError:
+    """The error for a file that ends `missing` bytes before the data its header declares."""
     return CheckpointError(
         path, f"file ends at byte {offset}, {missing} bytes short of the data it declares (truncated since opened?)", code="short-read"
     )
@@ -55,7 +56,7 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int,
             while done < count:
                 moved = call(src, dst, count - done, src_offset + done, dst_offset + done)
                 if moved == 0:
-                    raise _short(src_path, src_offset + done, count - done)
+                    raise short_read(src_path, src_offset + done, count - done)
                 done += moved
             return
         except OSError as exc:
@@ -86,7 +87,7 @@ def copy_buffered(src: int, src_offset: int, dst: int, dst_offset: int, count: i
         want = min(len(buffer), count - done)
         got = os.preadv(src, [view[:want]], src_offset + done)
         if got == 0:
-            raise _short(src_path, src_offset + done, count - done)
+            raise short_read(src_path, src_offset + done, count - done)
         chunk = view[:got]
         if crc is not None:
             crc = zlib.crc32(chunk, crc)
@@ -139,6 +140,6 @@ def _pread_exact(fd: int, count: int, offset: int, path: str) -> bytes:
     while len(data) < count:
         more = os.pread(fd, count - len(data), offset + len(data))
         if not more:
-            raise _short(path, offset + len(data), count - len(data))
+            raise short_read(path, offset + len(data), count - len(data))
         data += more
     return data

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from .dtypes import torch_dtype
-from .errors import CheckpointError
+from .copy import short_read
 from .formats.legacy import load_legacy
 from .table import TensorEntry
 
@@ -22,7 +22,7 @@ def read_exact(handle: BinaryIO, offset: int, size: int, path: str) -> bytearray
     while done < size:
         count = handle.readinto(view[done:])
         if not count:
-            raise CheckpointError(path, f"file ends at byte {offset + done}, {size - done} bytes short of the data it declares (truncated since opened?)", code="short-read")
+            raise short_read(path, offset + done, size - done)
         done += count
     return buffer
 
