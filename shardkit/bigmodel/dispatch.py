@@ -102,7 +102,7 @@ def dispatch_model(
     for block in blocks:
         Hook(block.module, block.device, block, streamer, io_same_device=block.name == "", skip_keys=skip_keys).attach()
     if "" not in groups:
-        Hook(model, None, io_same_device=True).attach()
+        Hook(model, None, streamer=streamer, io_same_device=True).attach()
     model._shardkit_streamer = streamer
     model._shardkit_offload = store
     return model

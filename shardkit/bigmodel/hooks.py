@@ -20,9 +20,9 @@ import torch
 from ..errors import ShardkitError
 from . import slab
 
-#: Disk reads are split into pieces of this size and issued from several threads.
-READ_PIECE = 16 * 2**20
-READ_THREADS = 4
+#: Disk reads are split into pieces of this size and issued from several threads (as the loader's GPU reads).
+READ_PIECE = 8 * 2**20
+READ_THREADS = 8
 
 
 class OutOfMemoryError(ShardkitError, torch.OutOfMemoryError):
@@ -64,9 +64,11 @@ class Streamer:
         size = max((b.nbytes for b in blocks), default=0)
         self.slabs = [slab.allocate(size, device) for _ in range(self.RING)]
         self.owner: list[Block | None] = [None] * self.RING
+        self.busy = [False] * self.RING  # acquired and not yet released: its slab is being read by enqueued compute
         self.pending: list = [None] * self.RING
-        # Until the first forward shows the real order, the next block is the next one in module order.
-        self.next = {a: b for a, b in zip(blocks, blocks[1:])}
+        # Until a forward shows the real order, blocks run in module order, and forwards repeat: after the last
+        # block comes the first (so the next forward's first copies start while this one ends).
+        self.next = {a: b for a, b in zip(blocks, blocks[1:] + blocks[:1]) if a is not b}
         self.last: Block | None = None
         self.current = self.RING - 1
         for block in blocks:
@@ -96,16 +98,37 @@ class Streamer:
             slot = (self.current + 1) % self.RING  # keep the block staged last; overwrite the other slab
             self._stage(block, slot)
         self._wait(slot)
-        upcoming = self.next.get(block)
-        if upcoming is not None and upcoming is not block and upcoming not in self.owner:
-            self._stage(upcoming, (slot + 1) % self.RING)
+        self.busy[slot] = True
         self.current = slot
+        self.prefetch()
         return slot
 
     def release(self, block: Block, slot: int) -> None:
         """The compute reading ``slot`` has been enqueued; the slab may be refilled once it has run."""
+        self.busy[slot] = False
         if self.cuda:
             self.free[slot].record(torch.cuda.current_stream(self.device))
+
+    def prefetch(self) -> None:
+        """Stage the blocks due next (in the learned order) into slabs nobody is reading.
+
+        Called when a block is acquired and when a resident block starts, so the first copies of a forward
+        overlap the resident blocks that run before the offloaded ones instead of waiting for them.
+        """
+        due, block = [], self.last
+        for _ in range(self.RING):
+            block = self.next.get(block) if block is not None else None
+            if block is None or block is self.last or block in due:
+                break
+            due.append(block)
+        for count, block in enumerate(due, 1):
+            if block in self.owner:
+                continue
+            # a slab may take ``block`` if nothing reads it and it holds no block due sooner (or ``block`` itself)
+            idle = [i for i in range(self.RING) if not self.busy[i] and self.owner[i] not in due[:count]]
+            if not idle:
+                return
+            self._stage(block, idle[0])
 
     def _stage(self, block: Block, slot: int) -> None:
         self._wait_pending(slot)
@@ -231,6 +254,8 @@ class Hook:
         if block is not None and block.tier != "resident":
             slot = self.streamer.acquire(block)
             block.install(block.staged[slot])
+        elif self.streamer is not None:
+            self.streamer.prefetch()
         try:
             if self.device is not None:
                 args = move(args, self.device)
