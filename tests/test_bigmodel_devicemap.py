@@ -213,3 +213,27 @@ def test_init_empty_weights_keeps_buffers_and_parameter_attributes():
         module = Tagged()
     assert module.table.device.type == "meta"
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # patched only inside the context
+
+
+def test_staging_room_is_held_on_the_gpu_the_offloaded_blocks_run_on():
+    """A first GPU too small for anything beside the two staging slabs is left out, so the next GPU, which then
+    runs the offloaded blocks, is the one that holds their room (instead of slabs landing beyond its budget)."""
+    import copy
+
+    import transformers
+    from bigmodels import configs
+
+    config = copy.deepcopy(configs()["llama"][1])
+    config.num_hidden_layers = 8
+    with init_empty_weights():
+        model = transformers.LlamaForCausalLM(config).eval()
+    sizes = compute_module_sizes(model)
+    largest = max(sizes["model.layers.0"], sizes["lm_head"], sizes["model.embed_tokens"])
+    for first in (largest, 2 * largest, 2 * largest + sizes["model.embed_tokens"] - 1):
+        max_memory = {0: first, 1: 4 * largest, "cpu": sizes[""] * 2}
+        ours = infer_auto_device_map(model, max_memory, model._no_split_modules)
+        assert 0 not in ours.values() and 1 in ours.values() and "cpu" in ours.values()
+        on_main = sum(sizes[k] for k, d in ours.items() if d == 1)
+        assert on_main + 2 * largest <= max_memory[1]
+    roomy = infer_auto_device_map(model, {0: 4 * largest, 1: 4 * largest, "cpu": sizes[""] * 2}, model._no_split_modules)
+    assert 0 in roomy.values() and 1 in roomy.values() and "cpu" in roomy.values()

@@ -126,7 +126,7 @@ def test_balanced_over_two_gpus_plus_cpu_equals_one_gpu(saved, on_gpu):
     x = ids()
     want = logits(on_gpu, x.cuda()).cpu()
     total = sum(p.numel() * 2 for p in empty().parameters())
-    max_memory = {0: total // 3, 1: total // 3, "cpu": total}
+    max_memory = {0: total // 2, 1: total // 2, "cpu": total}  # each GPU: two staging slabs and a few layers
     model = load_checkpoint_and_dispatch(empty(), saved, device_map="balanced", max_memory=max_memory)
     assert {0, 1, "cpu"} <= set(model.hf_device_map.values())
     assert torch.equal(logits(model, x), want)

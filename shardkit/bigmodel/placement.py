@@ -176,7 +176,8 @@ def plan(
     else the CPU) through :data:`STAGING_SLOTS` staging slabs the size of the largest layer, and disk blocks are
     read through as many host buffers. So room for them is held back only when something is actually offloaded:
     first a pass with no reserve; if it offloads, a pass holding staging room on the main device; if that uses
-    the disk and there is a GPU, a pass also holding the disk read buffers on the CPU.
+    the disk and there is a GPU, a pass also holding the disk read buffers on the CPU. A first GPU left with
+    nothing but staging room is dropped, and the next one becomes the main device.
 
     ``match_accelerate=True`` reproduces accelerate exactly: one largest layer held back on the first GPU and the
     CPU, always.
@@ -200,6 +201,11 @@ def plan(
     device_map = run({main: STAGING_SLOTS})
     if gpus and "disk" in device_map.values():
         device_map = run({main: STAGING_SLOTS, "cpu": STAGING_SLOTS})
+    if gpus and main not in device_map.values():
+        # The staging room was all the first GPU could hold, but offloaded blocks run on the first GPU the map
+        # uses: plan again without this one, so the room is held where the slabs will be.
+        rest = {device: limit for device, limit in max_memory.items() if device != main}
+        return plan(root, sizes, rest, no_split, tied, clean=clean, verbose=verbose)
     return device_map
 
 
