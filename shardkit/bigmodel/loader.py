@@ -28,7 +28,7 @@ from .targets import Target, model_tensors
 
 #: Reads for GPU destinations: GPU_THREADS threads keep reads in flight into a ring of GPU_DEPTH pinned GPU_CHUNK
 #: buffers (128 MiB in all). Measured on an H100 host: 8 MiB chunks from 8 threads read a warm page cache at 27 GB/s,
-#: 16 MiB from 4 threads at 15 GB/s (the ring then outgrows the CPU caches the copies go through); cold, the disk bounds both.
+#: 16 MiB from 4 threads at 15 GB/s (repeated loads in one process); cold, the disk bounds both.
 GPU_CHUNK, GPU_DEPTH, GPU_THREADS = 8 * 2**20, 16, 8
 
 
