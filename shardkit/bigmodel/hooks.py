@@ -19,10 +19,7 @@ import torch
 
 from ..errors import ShardkitError
 from . import slab
-
-#: Disk reads are split into pieces of this size and issued from several threads (as the loader's GPU reads).
-READ_PIECE = 8 * 2**20
-READ_THREADS = 8
+from .readahead import PARALLEL_PIECE, PARALLEL_THREADS
 
 
 class OutOfMemoryError(ShardkitError, torch.OutOfMemoryError):
@@ -76,7 +73,7 @@ class Streamer:
                 [_wrap(slab.view(s, block.slots[name]), is_param) for (_, _, is_param, name) in block.places] for s in self.slabs
             ]
         disk = [b for b in blocks if b.tier == "disk"]
-        self.readers = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardkit-read") if disk else None
+        self.readers = concurrent.futures.ThreadPoolExecutor(PARALLEL_THREADS, thread_name_prefix="shardkit-read") if disk else None
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.ready = [torch.cuda.Event() for _ in range(self.RING)]
@@ -166,8 +163,8 @@ class Streamer:
         view = memoryview(buffer.numpy())
         pieces = []
         for path, offset, at, nbytes in block.runs:
-            for start in range(0, nbytes, READ_PIECE):
-                size = min(READ_PIECE, nbytes - start)
+            for start in range(0, nbytes, PARALLEL_PIECE):
+                size = min(PARALLEL_PIECE, nbytes - start)
                 pieces.append((path, offset + start, view[at + start : at + start + size]))
         list(self.readers.map(lambda p: self.store.read_into(*p), pieces))
 

@@ -21,15 +21,9 @@ from ..tensors import load_tensor
 from . import slab
 from .devicemap import block_module, check_device_map, covering_key, device_for, main_device, torch_device
 from .offload import OffloadStore, OffloadWriter, Stored, stamp
-from .readahead import ReadAhead, read_direct
+from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, ReadAhead, read_direct
 from .sizes import as_torch_dtype
 from .targets import Target, model_tensors
-
-
-#: Reads for GPU destinations: GPU_THREADS threads keep reads in flight into a ring of GPU_DEPTH pinned GPU_CHUNK
-#: buffers (128 MiB in all). Measured on an H100 host: 8 MiB chunks from 8 threads read a warm page cache at 27 GB/s,
-#: 16 MiB from 4 threads at 15 GB/s (repeated loads in one process); cold, the disk bounds both.
-GPU_CHUNK, GPU_DEPTH, GPU_THREADS = 8 * 2**20, 16, 8
 
 
 class LoadResult(NamedTuple):
@@ -266,7 +260,9 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
             gpu = any(flag for _, flag in job_sinks)
             # GPU destinations: several reads in flight into a ring of small pinned buffers; host-only work
             # (casts, offload writes) is bound by the cast, so one reader and three buffers suffice.
-            reader = ReadAhead(jobs, pin=True, chunk=GPU_CHUNK, depth=GPU_DEPTH, threads=GPU_THREADS) if gpu and torch.cuda.is_available() else ReadAhead(jobs)
+            # Two buffers per thread (128 MiB pinned): each thread reads one while the other's copy runs.
+            parallel = dict(chunk=PARALLEL_PIECE, depth=2 * PARALLEL_THREADS, threads=PARALLEL_THREADS)
+            reader = ReadAhead(jobs, pin=True, **parallel) if gpu and torch.cuda.is_available() else ReadAhead(jobs)
             try:
                 for chunk in reader:
                     sinks, on_gpu = job_sinks[chunk.job]
