@@ -260,7 +260,7 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
             gpu = any(flag for _, flag in job_sinks)
             # GPU destinations: several reads in flight into a ring of small pinned buffers; host-only work
             # (casts, offload writes) is bound by the cast, so one reader and three buffers suffice.
-            # Two buffers per thread (128 MiB pinned): each thread reads one while the other's copy runs.
+            # Two buffers per thread (16 x 16 MiB pinned): each thread reads one while the other's copy runs.
             parallel = dict(chunk=PARALLEL_PIECE, depth=2 * PARALLEL_THREADS, threads=PARALLEL_THREADS)
             reader = ReadAhead(jobs, pin=True, **parallel) if gpu and torch.cuda.is_available() else ReadAhead(jobs)
             try:
