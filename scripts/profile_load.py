@@ -8,9 +8,13 @@ DIR is the Llama-shaped checkpoint ``scripts/bench_gpu.py`` builds (``--worker g
 * ``gpu-reserved``: the same after the CUDA caching allocator already holds one segment of the model's size
   (what the load costs without per-tensor ``cudaMalloc``).
 * ``gpu-twice``: two loads in one process (the second pays no process set-up).
-* ``allcpu``: every layer and the head on the CPU tier: phases, then host memory by stage (RssAnon/RssFile).
-* ``pin``: registering host memory with CUDA, four ways (fresh mapping, huge pages, prefaulted, filled first).
-* ``coldread``: buffered reads of a cold page cache at several piece sizes and thread counts, against O_DIRECT.
+* ``allcpu``: every layer and the head on the CPU tier: phases, forwards, then host memory by stage;
+  ``allcpu-read8x8`` and ``allcpu-read16x8`` the same with other piece sizes and thread counts for its reads.
+* ``pin``: pinned memory for eight 404 MiB regions: as before (``cudaHostRegister`` faults fresh pages), as
+  ``slab.allocate`` does it now, and a private huge-page mapping; then a fill as the loader reads.
+* ``floor``: host memory of torch, a CUDA context, the first kernels and transformers' Llama, stage by stage.
+* ``coldread``: buffered reads of a cold page cache at several piece sizes and thread counts, with and without
+  ``POSIX_FADV_WILLNEED`` ahead of the readers, against O_DIRECT.
 
 Prints one line per case and writes every figure to --out. Diagnostics only: the comparisons against accelerate
 and the hardware limits are ``scripts/bench_gpu.py``'s.
