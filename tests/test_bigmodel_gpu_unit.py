@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import mmap
+import os
+import signal
 
 import pytest
 import torch
@@ -57,3 +59,51 @@ def test_populate_faults_in_every_page_of_a_fresh_mapping(monkeypatch, advice):
     assert region[:4096] == bytes(4096) and region[-17:] == bytes(17)  # present, and still zero
     del anchor
     region.close()
+
+
+class _FakeCudart:
+    """Stands in for torch.cuda.cudart() on a machine without CUDA: registration succeeds and is recorded."""
+
+    def __init__(self):
+        self.registered, self.unregistered = [], []
+
+    def cudaHostRegister(self, address, nbytes, flags):
+        self.registered.append((address, nbytes))
+        return 0
+
+    def cudaHostUnregister(self, address):
+        self.unregistered.append(address)
+        return 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pinned_slab_is_registered_populated_and_left_out_of_forks(monkeypatch):
+    import ctypes
+
+    from shardkit.bigmodel import slab
+
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    nbytes = 2 * slab.POPULATE_PIECE + 4096
+    tensor = slab._pinned(nbytes)
+    address = tensor.data_ptr()
+    assert fake.registered == [(address, nbytes)] and tensor.numel() == nbytes
+    assert _resident_pages(address, nbytes) == -(-nbytes // mmap.PAGESIZE)  # faulted in before registration
+    tensor[-1] = 7
+    pid = os.fork()
+    if pid == 0:  # the child: the mapping must not exist here
+        try:
+            import faulthandler
+            import resource
+
+            faulthandler.disable()  # die of the signal quietly, without a traceback or a core file
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            ctypes.string_at(address + nbytes - 1, 1)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+    assert int(tensor[-1]) == 7  # the parent's pages are untouched
+    del tensor
+    gc.collect()
+    assert fake.unregistered == [address]
