@@ -10,8 +10,8 @@ DIR is the Llama-shaped checkpoint ``scripts/bench_gpu.py`` builds (``--worker g
 * ``gpu-twice``: two loads in one process (the second pays no process set-up).
 * ``allcpu``: every layer and the head on the CPU tier: phases, forwards, then host memory by stage;
   ``allcpu-read8x8`` and ``allcpu-read16x8`` the same with other piece sizes and thread counts for its reads.
-* ``pin``: pinned memory for eight 404 MiB regions: as before (``cudaHostRegister`` faults fresh pages), as
-  ``slab.allocate`` does it now, and a private huge-page mapping; then a fill as the loader reads.
+* ``pin``: pinned memory for eight 404 MiB regions: as before (``cudaHostRegister`` faults fresh pages) and as
+  ``slab.allocate`` does it now (huge pages faulted in from several threads first); then a fill as the loader reads.
 * ``floor``: host memory of torch, a CUDA context, the first kernels and transformers' Llama, stage by stage.
 * ``coldread``: buffered reads of a cold page cache at several piece sizes and thread counts, with and without
   ``POSIX_FADV_WILLNEED`` ahead of the readers, against O_DIRECT.
@@ -116,7 +116,7 @@ def _forward(model):
     import torch
 
     with torch.inference_mode():
-        model(bench_gpu.inputs(bench_gpu.SHAPES["128tok"], device="cuda" if torch.cuda.is_available() else "cpu")).logits
+        model(bench_gpu.inputs(bench_gpu.SHAPES["128tok"], device="cuda" if torch.cuda.is_available() else "cpu"))
     _sync()
 
 
@@ -191,8 +191,7 @@ def case_allcpu(args, piece: int | None = None, threads: int | None = None) -> d
 
 
 def case_pin(args) -> dict:
-    """Pinned host memory for 8 regions of one decoder layer's size, three ways; then a fill as the loader reads."""
-    import ctypes
+    """Pinned host memory for 8 regions of one decoder layer's size, as before and as now; then a fill as the loader reads."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -205,7 +204,6 @@ def case_pin(args) -> dict:
     files = sorted(Path(args.checkpoint).glob("*.safetensors"))
     bench_gpu.warm_page_cache(Path(args.checkpoint))
     fd = os.open(files[0], os.O_RDONLY)
-    libc = ctypes.CDLL(None)
 
     def fill(tensor) -> None:  # what the loader does: 16 MiB reads from four threads
         view = memoryview(tensor.numpy())
@@ -219,18 +217,8 @@ def case_pin(args) -> dict:
         region.registered, region.unregister = tensor.data_ptr(), cudart.cudaHostUnregister
         return tensor
 
-    def private_thp():  # a private mapping with transparent huge pages, populated, then registered
-        region = slab._PinnedRegion(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        tensor = torch.frombuffer(region, dtype=torch.uint8)
-        libc.madvise(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(size), 14)  # MADV_HUGEPAGE
-        slab.populate(tensor.data_ptr(), size)
-        assert int(cudart.cudaHostRegister(tensor.data_ptr(), size, 0)) == 0
-        region.registered, region.unregister = tensor.data_ptr(), cudart.cudaHostUnregister
-        return tensor
-
     result = {}
-    for variant, make in (("old: register faults", old_way), ("now: slab.allocate", lambda: slab.allocate(size, pin=True)),
-                          ("private+THP", private_thp)):
+    for variant, make in (("old: register faults", old_way), ("now: slab.allocate", lambda: slab.allocate(size, pin=True))):
         steps: dict = defaultdict(float)
         tensors = []
         for _ in range(count):
@@ -269,42 +257,46 @@ def case_floor(args) -> dict:
     return stages
 
 
-def case_coldread(args) -> dict:
-    """Cold buffered reads of the first two shards: piece size x threads, with and without fadvise, against O_DIRECT."""
+def read_files(files: list[Path], piece: int, threads: int, direct: bool, willneed: bool) -> float:
+    """GB/s reading ``files`` whole, the loader's way: each of ``threads`` threads takes the next piece in file order."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    folder = Path(args.checkpoint)
-    files = sorted(folder.glob("*.safetensors"))[:2]
-    total = sum(p.stat().st_size for p in files)
-    result = {}
-    for piece, threads, direct, advise in ((8 << 20, 8, False, False), (16 << 20, 8, False, False), (32 << 20, 16, False, False),
-                                           (8 << 20, 8, False, "willneed"), (16 << 20, 8, False, "willneed"), (64 << 20, 16, True, False)):
-        bench_gpu.drop_page_cache(folder)
-        buffers = [mmap.mmap(-1, piece) for _ in range(threads)]
-        fds = [os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for p in files]
-        pieces = [(fd, start) for fd, p in zip(fds, files) for start in range(0, p.stat().st_size, piece)]
-        cursor = iter(pieces)
-        import threading
+    buffers = [mmap.mmap(-1, piece) for _ in range(threads)]
+    fds = [os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for p in files]
+    cursor = iter([(fd, start) for fd, p in zip(fds, files) for start in range(0, p.stat().st_size, piece)])
+    lock = threading.Lock()
 
-        lock = threading.Lock()
+    def reader(index: int) -> None:
+        while True:
+            with lock:
+                item = next(cursor, None)
+            if item is None:
+                return
+            if willneed:  # ask the kernel to start reading what the next round of pieces will need
+                os.posix_fadvise(item[0], item[1] + threads * piece, piece, os.POSIX_FADV_WILLNEED)
+            os.preadv(item[0], [buffers[index]], item[1])
 
-        def reader(index: int) -> None:  # the loader's pattern: each thread takes the next piece in file order
-            while True:
-                with lock:
-                    item = next(cursor, None)
-                if item is None:
-                    return
-                if advise:  # ask the kernel to start reading what the next round of pieces will need
-                    os.posix_fadvise(item[0], item[1] + threads * piece, piece, os.POSIX_FADV_WILLNEED)
-                os.preadv(item[0], [buffers[index]], item[1])
-
-        start = time.perf_counter()
+    start = time.perf_counter()
+    try:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(reader, range(threads)))
-        label = f"{'direct' if direct else 'buffered'} {piece >> 20}MiB x{threads}{' willneed-ahead' if advise else ''}"
-        result[label] = round(total / (time.perf_counter() - start) / 1e9, 3)
+    finally:
         for fd in fds:
             os.close(fd)
+    return sum(p.stat().st_size for p in files) / (time.perf_counter() - start) / 1e9
+
+
+def case_coldread(args) -> dict:
+    """Cold buffered reads of the first two shards: piece size x threads, with and without WILLNEED, against O_DIRECT."""
+    folder = Path(args.checkpoint)
+    files = sorted(folder.glob("*.safetensors"))[:2]
+    result = {}
+    for piece, threads, direct, willneed in ((8 << 20, 8, False, False), (16 << 20, 8, False, False), (32 << 20, 16, False, False),
+                                             (8 << 20, 8, False, True), (16 << 20, 8, False, True), (64 << 20, 16, True, False)):
+        bench_gpu.drop_page_cache(folder)
+        label = f"{'direct' if direct else 'buffered'} {piece >> 20}MiB x{threads}{' willneed-ahead' if willneed else ''}"
+        result[label] = round(read_files(files, piece, threads, direct, willneed), 3)
     return result
 
 
@@ -338,7 +330,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--case", name, "--checkpoint", args.checkpoint, "--layers", str(args.layers)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         started = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             results[name] = {"failed": (proc.stderr or proc.stdout).strip().splitlines()[-8:]}
