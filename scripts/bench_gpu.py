@@ -1,7 +1,7 @@
 """GPU benchmark: loading and offloaded inference, shardkit against accelerate and diffusers, in one run.
 
 Builds a seeded Llama-shaped bf16 checkpoint (hidden 4096, intermediate 11008, 16 layers, vocab 32000: 7.0 GB in
-4 safetensors shards) on the GPU, measures the hardware limits (pinned and pageable host->GPU copies, direct and
+5 safetensors shards, a quarter of it at most each) on the GPU, measures the hardware limits (pinned and pageable host->GPU copies, direct and
 page-cache disk reads), then runs each library's case in its own subprocess (so peak host RSS is its own) and
 prints one table: seconds, effective GB/s, and ratios to accelerate and to the hardware limit.
 
@@ -132,7 +132,7 @@ def gpu_overhead(total_bytes: int, offloaded: int) -> int:
 
 
 def worker_generate(args) -> dict:
-    """Seeded weights made on the GPU, saved in 4 safetensors shards."""
+    """Seeded weights made on the GPU, saved in shards of a quarter of the bytes at most (5 files)."""
     import torch
     from huggingface_hub import save_torch_state_dict
     from transformers import LlamaForCausalLM
