@@ -395,15 +395,23 @@ def run_worker(args, name: str, **extra) -> dict | None:
             command += [f"--{key}", str(value)]
     label = " ".join([name] + [f"{k}={v}" for k, v in extra.items()])
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=args.case_timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        print(f"[{time.perf_counter() - started:6.1f}s] {label}: FAILED\n    " + "\n    ".join(tail), flush=True)
+    result, tail = run_result(command, args.case_timeout)
+    if result is None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {label}: FAILED\n    " + "\n    ".join(tail[-6:]), flush=True)
         return None
-    result = json.loads(lines[-1][len("RESULT "):])
     print(f"[{time.perf_counter() - started:6.1f}s] {label}: {json.dumps(result)[:300]}", flush=True)
     return result
+
+
+def run_result(command: list[str], timeout: float) -> tuple[dict | None, list[str]]:
+    """Run a worker process with this repository importable: its last ``RESULT {json}`` line, or None and the
+    last lines of its output when it failed or printed none."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return None, (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+    return json.loads(lines[-1][len("RESULT "):]), []
 
 
 def main() -> None:

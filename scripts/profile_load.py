@@ -26,16 +26,13 @@ import argparse
 import json
 import mmap
 import os
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gpu  # noqa: E402  (the checkpoint's model, inputs and page-cache helpers)
-
-ROOT = Path(__file__).resolve().parents[1]
+import bench_gpu  # noqa: E402  (the checkpoint's model, inputs, page-cache helpers and worker runner)
 
 
 def memory() -> dict:
@@ -205,7 +202,7 @@ def case_pin(args) -> dict:
     bench_gpu.warm_page_cache(Path(args.checkpoint))
     fd = os.open(files[0], os.O_RDONLY)
 
-    def fill(tensor) -> None:  # what the loader does: 16 MiB reads from four threads
+    def fill(tensor) -> None:  # the same fill after either variant: 16 MiB reads from four threads
         view = memoryview(tensor.numpy())
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda s: os.preadv(fd, [view[s : s + (16 << 20)]], s), range(0, size, 16 << 20)))
@@ -328,14 +325,9 @@ def main() -> None:
     results = {}
     for name in args.cases.split(","):
         command = [sys.executable, __file__, "--case", name, "--checkpoint", args.checkpoint, "--layers", str(args.layers)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         started = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            results[name] = {"failed": (proc.stderr or proc.stdout).strip().splitlines()[-8:]}
-        else:
-            results[name] = json.loads(lines[-1][len("RESULT "):])
+        result, tail = bench_gpu.run_result(command, timeout=300)
+        results[name] = result if result is not None else {"failed": tail}
         print(f"[{time.perf_counter() - started:5.1f}s] {name}: {json.dumps(results[name])}", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
