@@ -1,8 +1,9 @@
 """GPU benchmark: loading and offloaded inference, shardkit against accelerate and diffusers, in one run.
 
 Builds a seeded Llama-shaped bf16 checkpoint (hidden 4096, intermediate 11008, 16 layers, vocab 32000: 7.0 GB in
-5 safetensors shards, a quarter of it at most each) on the GPU, measures the hardware limits (pinned and pageable host->GPU copies, direct and
-page-cache disk reads), then runs each library's case in its own subprocess (so peak host RSS is its own) and
+5 safetensors shards, a quarter of it at most each) on the GPU, measures the hardware limits (pinned and
+pageable host->GPU copies, direct and page-cache disk reads), then runs each library's case in its own
+subprocess (so peak host RSS is its own) and
 prints one table: seconds, effective GB/s, and ratios to accelerate and to the hardware limit.
 
     python scripts/bench_gpu.py [--workdir DIR] [--layers 16] [--out results.json]
@@ -268,7 +269,11 @@ def worker_offload(args) -> dict:
     offload = tempfile.mkdtemp(prefix="offload-", dir=args.workdir)
     start = time.perf_counter()
     lib.load_checkpoint_and_dispatch(
-        model, str(folder), device_map=device_map, offload_folder=offload, dtype=torch.bfloat16,
+        model,
+        str(folder),
+        device_map=device_map,
+        offload_folder=offload,
+        dtype=torch.bfloat16,
         no_split_module_classes=["LlamaDecoderLayer"],
     )
     torch.cuda.synchronize()
@@ -290,7 +295,9 @@ def offloaded_bytes(folder: Path, device_map: dict) -> int:
     from shardkit import open_checkpoint
     from shardkit.bigmodel.devicemap import covering_key
 
-    return sum(e.nbytes for e in open_checkpoint(folder).stored if device_map.get(covering_key(e.name, device_map)) in ("cpu", "disk"))
+    return sum(
+        e.nbytes for e in open_checkpoint(folder).stored if device_map.get(covering_key(e.name, device_map)) in ("cpu", "disk")
+    )
 
 
 def _diffusers_offload(args, folder: Path) -> dict:
@@ -309,7 +316,11 @@ def _diffusers_offload(args, folder: Path) -> dict:
     result = {"load_seconds": load_seconds, "pin_seconds": pin_seconds, "offloaded_bytes": offloaded, "shapes": {}}
     for key in args.shapes.split(","):
         seconds, out = timed_forward(model, SHAPES[key])
-        result["shapes"][key] = {"seconds": seconds, "digest": output_digest(out), "gpu_overhead": gpu_overhead(offloaded, offloaded)}
+        result["shapes"][key] = {
+            "seconds": seconds,
+            "digest": output_digest(out),
+            "gpu_overhead": gpu_overhead(offloaded, offloaded),
+        }
         del out
     result["peak_rss"] = peak_rss()
     return result
@@ -358,8 +369,14 @@ def worker_two_gpus(args) -> dict:
     warm_page_cache(folder)
     max_memory = {0: GPU_CAP, 1: GPU_CAP, "cpu": 512 * 2**30}
     start = time.perf_counter()
-    shardkit.load_checkpoint_and_dispatch(model, str(folder), device_map="balanced", max_memory=max_memory,
-                                          dtype=torch.bfloat16, no_split_module_classes=["LlamaDecoderLayer"])
+    shardkit.load_checkpoint_and_dispatch(
+        model,
+        str(folder),
+        device_map="balanced",
+        max_memory=max_memory,
+        dtype=torch.bfloat16,
+        no_split_module_classes=["LlamaDecoderLayer"],
+    )
     load_seconds = time.perf_counter() - start
     devices = sorted({str(d) for d in model.hf_device_map.values()})
     offloaded = offloaded_bytes(folder, model.hf_device_map)
@@ -386,8 +403,20 @@ WORKERS = {
 
 
 def run_worker(args, name: str, **extra) -> dict | None:
-    command = [sys.executable, __file__, "--worker", name, "--checkpoint", str(args.checkpoint), "--layers", str(args.layers),
-               "--workdir", str(args.workdir), "--shapes", args.shapes]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--checkpoint",
+        str(args.checkpoint),
+        "--layers",
+        str(args.layers),
+        "--workdir",
+        str(args.workdir),
+        "--shapes",
+        args.shapes,
+    ]
     for key, value in extra.items():
         if value is True:
             command.append(f"--{key}")
@@ -411,7 +440,7 @@ def run_result(command: list[str], timeout: float) -> tuple[dict | None, list[st
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return None, (proc.stderr or proc.stdout).strip().splitlines()[-8:]
-    return json.loads(lines[-1][len("RESULT "):]), []
+    return json.loads(lines[-1][len("RESULT ") :]), []
 
 
 def main() -> None:
@@ -490,7 +519,12 @@ def render(results: dict) -> str:
         same = "-" if digest is None or ref is None else ("yes" if digest == ref else "NO")
         rows.append((case, f"{seconds:.3f}", f"{gbs:.2f}", ratio, limit, f"{rss / 2**30:.2f}" if rss else "-", same))
 
-    for name, key in (("h2d_pinned", "pinned H2D"), ("h2d_pageable", "pageable H2D"), ("disk_direct", "disk direct"), ("disk_cached", "disk page cache")):
+    for name, key in (
+        ("h2d_pinned", "pinned H2D"),
+        ("h2d_pageable", "pageable H2D"),
+        ("disk_direct", "disk direct"),
+        ("disk_cached", "disk page cache"),
+    ):
         if name in hw:
             rows.append((f"limit: {key}", "-", f"{hw[name]:.2f}", "-", "-", "-", "-"))
     for kind, limit_key in (("load-cold", "disk_direct"), ("load-warm", "disk_cached")):
@@ -499,7 +533,13 @@ def render(results: dict) -> str:
             r = results.get(f"{lib}/{kind}")
             if r:
                 add(f"{lib} {kind}", r["seconds"], total, base, hw.get(limit_key), r["peak_rss"])
-    for tier, limit_key in (("cpu", "h2d_pinned"), ("2gpu-cpu", "h2d_pinned"), ("allcpu", "h2d_pinned"), ("disk-warm", "disk_cached"), ("disk-cold", "disk_direct")):
+    for tier, limit_key in (
+        ("cpu", "h2d_pinned"),
+        ("2gpu-cpu", "h2d_pinned"),
+        ("allcpu", "h2d_pinned"),
+        ("disk-warm", "disk_cached"),
+        ("disk-cold", "disk_direct"),
+    ):
         base_r = results.get(f"accelerate/{tier}") or {}
         for lib in ("accelerate", "diffusers", "shardkit"):
             r = results.get(f"{lib}/{tier}")
@@ -507,25 +547,45 @@ def render(results: dict) -> str:
                 continue
             for shape, sr in r["shapes"].items():
                 base = (base_r.get("shapes", {}).get(shape) or {}).get("seconds")
-                add(f"{lib} {tier} {shape}", sr["seconds"], r["offloaded_bytes"], base, hw.get(limit_key), r["peak_rss"],
-                    sr["digest"], (gpu.get(shape) or {}).get("digest"))
+                add(
+                    f"{lib} {tier} {shape}",
+                    sr["seconds"],
+                    r["offloaded_bytes"],
+                    base,
+                    hw.get(limit_key),
+                    r["peak_rss"],
+                    sr["digest"],
+                    (gpu.get(shape) or {}).get("digest"),
+                )
     for shape, sr in gpu.items():
         rows.append((f"all on GPU {shape}", f"{sr['seconds']:.3f}", "-", "-", "-", "-", "-"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = [f"checkpoint: {total / 1e9:.2f} GB, {results['layers']} layers; GPU capped at {GPU_CAP / 2**30:.0f} GiB for weights"]
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    for lib, tier in (("accelerate", "cpu"), ("diffusers", "cpu"), ("shardkit", "cpu"), ("accelerate", "allcpu"), ("shardkit", "allcpu"), ("accelerate", "disk-warm"), ("shardkit", "disk-warm")):
+    for lib, tier in (
+        ("accelerate", "cpu"),
+        ("diffusers", "cpu"),
+        ("shardkit", "cpu"),
+        ("accelerate", "allcpu"),
+        ("shardkit", "allcpu"),
+        ("accelerate", "disk-warm"),
+        ("shardkit", "disk-warm"),
+    ):
         r = results.get(f"{lib}/{tier}")
         if r:
             extra = f", pinning {r['pin_seconds']:.2f} s" if "pin_seconds" in r else ""
             first = next(iter(r["shapes"].values()))
-            lines.append(f"{lib} {tier} tier: load {r['load_seconds']:.2f} s{extra}, GPU memory beyond resident weights "
-                         f"{first['gpu_overhead'] / 2**30:.2f} GiB (first shape), peak RSS {r['peak_rss'] / total:.2f}x the weights")
+            lines.append(
+                f"{lib} {tier} tier: load {r['load_seconds']:.2f} s{extra}, GPU memory beyond resident weights "
+                f"{first['gpu_overhead'] / 2**30:.2f} GiB (first shape), peak RSS {r['peak_rss'] / total:.2f}x the weights"
+            )
     floor = (results.get("shardkit/load-warm") or {}).get("peak_rss")
     allcpu = results.get("shardkit/allcpu")
     if floor and allcpu:  # what the process costs with nothing on the host, and what the CPU tier adds to it
-        lines.append(f"process floor (all on the GPU, nothing on the host): {floor / 2**30:.2f} GiB = {floor / total:.2f}x the weights; "
-                     f"shardkit allcpu adds {(allcpu['peak_rss'] - floor) / allcpu['offloaded_bytes']:.3f}x its CPU-tier bytes")
+        lines.append(
+            f"process floor (all on the GPU, nothing on the host): {floor / 2**30:.2f} GiB = {floor / total:.2f}x the weights; "
+            f"shardkit allcpu adds {(allcpu['peak_rss'] - floor) / allcpu['offloaded_bytes']:.3f}x its CPU-tier bytes"
+        )
     return "\n".join(lines)
 
 

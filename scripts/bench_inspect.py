@@ -116,8 +116,11 @@ def bin_shards(folder: Path) -> list[Path]:
 
     paths, weight_map = [], {}
     for i in range(4):
-        state = {f"model.layers.{i * 8 + j}.{k}": torch.zeros(s, dtype=torch.bfloat16)
-                 for j in range(8) for k, s in (("q.weight", (1024, 1024)), ("mlp.weight", (2048, 1024)))}
+        state = {
+            f"model.layers.{i * 8 + j}.{k}": torch.zeros(s, dtype=torch.bfloat16)
+            for j in range(8)
+            for k, s in (("q.weight", (1024, 1024)), ("mlp.weight", (2048, 1024)))
+        }
         path = folder / shard_file_name(i + 1, 4, "bin")
         torch.save(state, path)
         paths.append(path)
@@ -138,17 +141,26 @@ def main() -> None:
     total = sparse_safetensors(st)
     shardkit = [sys.executable, "-m", "shardkit", "inspect", str(st)]
     anchor = [sys.executable, "-c", ANCHOR_SAFETENSORS, str(st)]
-    rows = [("safetensors, 30 shards, %.0f GB (sparse)" % (total / 1e9), time_command(shardkit), time_command(anchor), "safe_open per shard")]
+    rows = [
+        (
+            "safetensors, 30 shards, %.0f GB (sparse)" % (total / 1e9),
+            time_command(shardkit),
+            time_command(anchor),
+            "safe_open per shard",
+        )
+    ]
 
     binary = work / "bin"
     binary.mkdir(exist_ok=True)
     paths = bin_shards(binary)
-    rows.append((
-        "torch zip .bin, 4 shards, 0.20 GB",
-        time_command([sys.executable, "-m", "shardkit", "inspect", str(binary)]),
-        time_command([sys.executable, "-c", ANCHOR_BIN, *map(str, paths)]),
-        "torch.load(mmap=True) per shard",
-    ))
+    rows.append(
+        (
+            "torch zip .bin, 4 shards, 0.20 GB",
+            time_command([sys.executable, "-m", "shardkit", "inspect", str(binary)]),
+            time_command([sys.executable, "-c", ANCHOR_BIN, *map(str, paths)]),
+            "torch.load(mmap=True) per shard",
+        )
+    )
     help_time = time_command([sys.executable, "-m", "shardkit", "--help"])
     print(f"{'checkpoint':<40} {'shardkit s':>10} {'anchor s':>10} {'speed-up':>9}  anchor")
     for label, ours, theirs, what in rows:

@@ -100,17 +100,59 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     if not (source / "pytorch_model.bin").exists() or not (source / "model.safetensors").exists():
         print("generating the checkpoint...", file=sys.stderr)
-        subprocess.run([sys.executable, "-c", GENERATE, str(args.hidden), str(args.intermediate), str(args.layers), str(args.vocab), str(source)],
-                       check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                GENERATE,
+                str(args.hidden),
+                str(args.intermediate),
+                str(args.layers),
+                str(args.vocab),
+                str(source),
+            ],
+            check=True,
+            env=env,
+        )
     src_bin, src_st = source / "pytorch_model.bin", source / "model.safetensors"
     size = src_bin.stat().st_size
     shardkit = [sys.executable, "-m", "shardkit"]
     commands = {
         "cp": (src_bin, lambda out: ["cp", str(src_bin), str(out / "pytorch_model.bin")]),
-        "huggingface_hub torch.load + save_torch_state_dict": (src_bin, lambda out: [sys.executable, "-c", HUB, str(src_bin), str(out), args.max_shard_size]),
-        "shardkit split (.bin -> safetensors shards)": (src_bin, lambda out: [*shardkit, "split", str(src_bin), str(out), "--max-shard-size", args.max_shard_size, "--quiet", "--overwrite"]),
-        "shardkit convert (.bin -> safetensors)": (src_bin, lambda out: [*shardkit, "convert", str(src_bin), str(out), "--quiet", "--overwrite"]),
-        "shardkit split (.safetensors -> shards)": (src_st, lambda out: [*shardkit, "split", str(src_st), str(out), "--max-shard-size", args.max_shard_size, "--quiet", "--overwrite"]),
+        "huggingface_hub torch.load + save_torch_state_dict": (
+            src_bin,
+            lambda out: [sys.executable, "-c", HUB, str(src_bin), str(out), args.max_shard_size],
+        ),
+        "shardkit split (.bin -> safetensors shards)": (
+            src_bin,
+            lambda out: [
+                *shardkit,
+                "split",
+                str(src_bin),
+                str(out),
+                "--max-shard-size",
+                args.max_shard_size,
+                "--quiet",
+                "--overwrite",
+            ],
+        ),
+        "shardkit convert (.bin -> safetensors)": (
+            src_bin,
+            lambda out: [*shardkit, "convert", str(src_bin), str(out), "--quiet", "--overwrite"],
+        ),
+        "shardkit split (.safetensors -> shards)": (
+            src_st,
+            lambda out: [
+                *shardkit,
+                "split",
+                str(src_st),
+                str(out),
+                "--max-shard-size",
+                args.max_shard_size,
+                "--quiet",
+                "--overwrite",
+            ],
+        ),
     }
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
     for _ in range(args.repeat):
@@ -125,7 +167,10 @@ def main() -> None:
 
     cp_time = statistics.median(t for t, _ in results["cp"])
     hub_rss = max(r for _, r in results["huggingface_hub torch.load + save_torch_state_dict"])
-    print(f"checkpoint: {size / 1e9:.2f} GB bf16 .bin ({args.layers} layers, tied embeddings); median of {args.repeat} runs, each + sync")
+    print(
+        f"checkpoint: {size / 1e9:.2f} GB bf16 .bin ({args.layers} layers, tied embeddings); median of "
+        f"{args.repeat} runs, each + sync"
+    )
     print(f"{'command':<52} {'wall s':>7} {'vs cp':>6} {'peak RSS':>9} {'vs hub':>7}")
     for name, runs in results.items():
         seconds = statistics.median(t for t, _ in runs)

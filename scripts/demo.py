@@ -84,7 +84,9 @@ def compare_with_transformers(source: Path, checkpoint: Path, offload: Path) -> 
 
     with shardkit.init_empty_weights():
         model = AutoModel.from_config(AutoConfig.from_pretrained(source)).eval()
-    model = shardkit.load_checkpoint_and_dispatch(model, str(checkpoint), device_map="auto", max_memory={"cpu": "70MB"}, offload_folder=str(offload))
+    model = shardkit.load_checkpoint_and_dispatch(
+        model, str(checkpoint), device_map="auto", max_memory={"cpu": "70MB"}, offload_folder=str(offload)
+    )
     placed = sorted(set(map(str, model.hf_device_map.values())))
     print(f"device map: {model.hf_device_map}")
     check(placed == ["cpu", "disk"], "part of the model runs from memory, part from disk")
@@ -92,8 +94,10 @@ def compare_with_transformers(source: Path, checkpoint: Path, offload: Path) -> 
     with torch.no_grad():
         want = reference(**batch)
         got = model(**batch)
-    check(torch.equal(got.last_hidden_state, want.last_hidden_state) and torch.equal(got.pooler_output, want.pooler_output),
-          "outputs are bit-identical to transformers' own model")
+    check(
+        torch.equal(got.last_hidden_state, want.last_hidden_state) and torch.equal(got.pooler_output, want.pooler_output),
+        "outputs are bit-identical to transformers' own model",
+    )
 
 
 def main() -> None:
@@ -112,7 +116,8 @@ def main() -> None:
     sharded = work / "sharded"
     shardkit("split", str(source), str(sharded), "--max-shard-size", "25MB", "--verify", "--overwrite", "--quiet")
     check(
-        sorted(p.name for p in sharded.iterdir()) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + ["model.safetensors.index.json"],
+        sorted(p.name for p in sharded.iterdir())
+        == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + ["model.safetensors.index.json"],
         "3 shards and an index: the 47 MB embedding alone (it is over the limit), the rest packed under 25 MB",
     )
 

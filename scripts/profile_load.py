@@ -103,8 +103,9 @@ def _load(folder: Path, layers: int, device_map):
     model = bench_gpu.empty_model(shardkit, layers)
     _sync()
     start = time.perf_counter()
-    shardkit.load_checkpoint_and_dispatch(model, str(folder), device_map=device_map, dtype=torch.bfloat16,
-                                          no_split_module_classes=["LlamaDecoderLayer"])
+    shardkit.load_checkpoint_and_dispatch(
+        model, str(folder), device_map=device_map, dtype=torch.bfloat16, no_split_module_classes=["LlamaDecoderLayer"]
+    )
     _sync()
     return time.perf_counter() - start, model
 
@@ -225,7 +226,9 @@ def case_pin(args) -> dict:
             start = time.perf_counter()
             fill(tensors[-1])
             steps["fill"] += time.perf_counter() - start
-        result[variant] = {k: round(v, 4) for k, v in steps.items()} | {"GB/s": round(count * size / sum(steps.values()) / 1e9, 2)}
+        result[variant] = {k: round(v, 4) for k, v in steps.items()} | {
+            "GB/s": round(count * size / sum(steps.values()) / 1e9, 2)
+        }
         del tensors
     os.close(fd)
     return result
@@ -289,8 +292,14 @@ def case_coldread(args) -> dict:
     folder = Path(args.checkpoint)
     files = sorted(folder.glob("*.safetensors"))[:2]
     result = {}
-    for piece, threads, direct, willneed in ((8 << 20, 8, False, False), (16 << 20, 8, False, False), (32 << 20, 16, False, False),
-                                             (8 << 20, 8, False, True), (16 << 20, 8, False, True), (64 << 20, 16, True, False)):
+    for piece, threads, direct, willneed in (
+        (8 << 20, 8, False, False),
+        (16 << 20, 8, False, False),
+        (32 << 20, 16, False, False),
+        (8 << 20, 8, False, True),
+        (16 << 20, 8, False, True),
+        (64 << 20, 16, True, False),
+    ):
         bench_gpu.drop_page_cache(folder)
         label = f"{'direct' if direct else 'buffered'} {piece >> 20}MiB x{threads}{' willneed-ahead' if willneed else ''}"
         result[label] = round(read_files(files, piece, threads, direct, willneed), 3)

@@ -87,10 +87,20 @@ STORAGE_CLASSES: dict[str, str] = {
 FLOATING = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4"})
 
 _USER_NAMES = {
-    "fp32": "F32", "float32": "F32", "float": "F32", "f32": "F32",
-    "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
-    "bf16": "BF16", "bfloat16": "BF16",
-    "fp64": "F64", "float64": "F64", "double": "F64", "f64": "F64",
+    "fp32": "F32",
+    "float32": "F32",
+    "float": "F32",
+    "f32": "F32",
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "f16": "F16",
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp64": "F64",
+    "float64": "F64",
+    "double": "F64",
+    "f64": "F64",
 }
 
 
@@ -98,7 +108,7 @@ def parse_dtype(name: str) -> str:
     """Turn a user's dtype (``bf16``, ``torch.float16``, ``F32``) into shardkit's name; raise UsageError."""
     key = name.strip()
     if key.startswith("torch."):
-        key = key[len("torch."):]
+        key = key[len("torch.") :]
     if key.upper() in DTYPE_BITS:
         return key.upper()
     if key.lower() in _USER_NAMES:

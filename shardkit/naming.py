@@ -71,8 +71,12 @@ def pick_checkpoint(names: list[str], variant: str | None = None) -> str | None:
     ``ValueError`` listing the candidates when there are several.
     """
     present = set(names)
-    for name in (single_file_name("safetensors", variant), index_file_name("safetensors", variant),
-                 single_file_name("bin", variant), index_file_name("bin", variant)):
+    for name in (
+        single_file_name("safetensors", variant),
+        index_file_name("safetensors", variant),
+        single_file_name("bin", variant),
+        index_file_name("bin", variant),
+    ):
         if name in present:
             return name
     ordered = sorted(present)

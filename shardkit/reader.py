@@ -123,10 +123,14 @@ def _resolve_folder(folder: Path, variant: str | None) -> Path:
     try:
         selected = pick_checkpoint([p.name for p in folder.iterdir() if p.is_file()], variant)
     except ValueError as exc:
-        raise CheckpointError(str(folder), f"holds several checkpoints ({exc}); pass the file or index to use", code="ambiguous") from None
+        raise CheckpointError(
+            str(folder), f"holds several checkpoints ({exc}); pass the file or index to use", code="ambiguous"
+        ) from None
     if selected is None:
         what = f" for variant {variant!r}" if variant else ""
-        raise CheckpointError(str(folder), f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
+        raise CheckpointError(
+            str(folder), f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint"
+        )
     return folder / selected
 
 
@@ -142,8 +146,14 @@ def _open_index(source: str, index_path: Path) -> Checkpoint:
     return assemble_checkpoint(source, opened, root=str(folder), index=index, index_label=str(index_path))
 
 
-def assemble_checkpoint(source: str, opened: list[tuple[str, FileInfo, list[TensorEntry]]], *, root: str,
-                        index: IndexInfo | None = None, index_label: str | None = None) -> Checkpoint:
+def assemble_checkpoint(
+    source: str,
+    opened: list[tuple[str, FileInfo, list[TensorEntry]]],
+    *,
+    root: str,
+    index: IndexInfo | None = None,
+    index_label: str | None = None,
+) -> Checkpoint:
     """One :class:`Checkpoint` from its opened files ``(name, info, entries)`` and, when sharded, its index.
 
     Refuses a tensor stored in two files and an index key no file holds (unless a writer recorded it as an alias);
@@ -165,7 +175,9 @@ def assemble_checkpoint(source: str, opened: list[tuple[str, FileInfo, list[Tens
         _add_declared_aliases(checkpoint, info.metadata or {})
     for name, file_name in (index.weight_map if index else {}).items():
         if name not in checkpoint.entries:
-            raise CheckpointError(index_label, f"maps {name!r} to {file_name!r}, but that file holds no such tensor", code="index-key-missing")
+            raise CheckpointError(
+                index_label, f"maps {name!r} to {file_name!r}, but that file holds no such tensor", code="index-key-missing"
+            )
     return checkpoint
 
 

@@ -13,11 +13,45 @@ def configs():
     from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig, T5Config
 
     return {
-        "llama": ("LlamaForCausalLM", LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)),
-        "opt": ("OPTForCausalLM", OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)),
+        "llama": (
+            "LlamaForCausalLM",
+            LlamaConfig(
+                vocab_size=128,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            ),
+        ),
+        "opt": (
+            "OPTForCausalLM",
+            OPTConfig(
+                vocab_size=128,
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            ),
+        ),
         "gpt2": ("GPT2LMHeadModel", GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64)),
-        "bert": ("BertModel", BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)),
-        "t5": ("T5ForConditionalGeneration", T5Config(vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+        "bert": (
+            "BertModel",
+            BertConfig(
+                vocab_size=128,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            ),
+        ),
+        "t5": (
+            "T5ForConditionalGeneration",
+            T5Config(vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0),
+        ),
     }
 
 

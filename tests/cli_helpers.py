@@ -19,17 +19,28 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def run_shardkit(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """``python -m shardkit ARGS`` with this worktree's package; text output captured."""
-    return subprocess.run([sys.executable, "-m", "shardkit", *map(str, args)], capture_output=True, text=True, env=env or child_env(), cwd=ROOT, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "shardkit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or child_env(),
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def run_python(code: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env or child_env(), cwd=ROOT, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env or child_env(), cwd=ROOT, **kwargs
+    )
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``folder``: proves a folder was left untouched."""
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
     }
 
 

@@ -132,7 +132,9 @@ def _handler(hub: HubServer):
                 return
             if what in ("revision", None):
                 siblings = [{"rfilename": p} for p in sorted(repo.files)]
-                return self._json(200, {"id": repo_id, "sha": repo.sha, "siblings": siblings, "private": False, "gated": repo.gated})
+                return self._json(
+                    200, {"id": repo_id, "sha": repo.sha, "siblings": siblings, "private": False, "gated": repo.gated}
+                )
             if what == "tree":
                 prefix = sub.strip("/")
                 recursive = query.get("recursive", ["false"])[0].lower() == "true"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from builders import save_bin, save_safetensors, save_sharded, varied_state_dict
+
 from shardkit import CheckpointError, NotACheckpointError, UnsafePathError, UnsafePickleError, open_checkpoint
 from shardkit.formats.safetensors import build_header
 
@@ -136,17 +136,14 @@ def test_malicious_pickle_never_runs(tmp_path):
 
 def test_pickle_build_cannot_rewrite_stand_ins(tmp_path):
     # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD with a state that would replace its __code__.
-    payload = (
-        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n"
-        b"N}X\x08\x00\x00\x00__code__K\x01s\x86b."
-    )
+    payload = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x08\x00\x00\x00__code__K\x01s\x86b."
     good = save_bin({"w": torch.ones(2)}, tmp_path / "good.bin")
     bad = rewrite_zip(good, tmp_path / "build.bin", replace={"data.pkl": payload})
     with pytest.raises(UnsafePickleError, match="BUILD"):
         open_checkpoint(bad)
     # The stand-in is untouched and still works for the next file.
     from shardkit.formats import unpickler
-    from shardkit.tensors import load_tensor
+    from shardkit.materialize import load_tensor
 
     assert unpickler._tensor_v2.__code__.co_name == "_tensor_v2"
     assert torch.equal(load_tensor(open_checkpoint(good)["w"]), torch.ones(2))
@@ -196,7 +193,9 @@ def test_garbage_bin(tmp_path):
         open_checkpoint(path)
 
 
-@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", "C:\\x.safetensors", "..\\x.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", "C:\\x.safetensors", "..\\x.safetensors"]
+)
 def test_index_entry_escaping_the_folder(tmp_path, name):
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -279,7 +278,9 @@ def test_cli_gives_one_line_and_exit_2(tmp_path, kind):
         path.write_bytes(path.read_bytes()[:-1])
     elif kind == "evil-pickle":
         good = save_bin({"w": torch.ones(2)}, tmp_path / "good.bin")
-        path = rewrite_zip(good, tmp_path / "evil.bin", replace={"data.pkl": pickle.dumps({"w": _RunShell(f"touch {marker}")}, protocol=2)})
+        path = rewrite_zip(
+            good, tmp_path / "evil.bin", replace={"data.pkl": pickle.dumps({"w": _RunShell(f"touch {marker}")}, protocol=2)}
+        )
     elif kind == "lfs":
         path = tmp_path / "model.safetensors"
         path.write_text("version https://git-lfs.github.com/spec/v1\n")

@@ -23,7 +23,7 @@ from shardkit import (
 )
 from shardkit.bigmodel import placement
 from shardkit.bigmodel.devicemap import resolve_device_map
-from shardkit.bigmodel.sizes import module_tree
+from shardkit.bigmodel.measure import module_tree
 
 KINDS = ["llama", "opt", "gpt2", "bert", "t5"]
 
@@ -55,7 +55,9 @@ def test_match_accelerate_reproduces_accelerate_exactly(kind):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 assert get_balanced_memory(model, dict(max_memory), no_split) == acc_balanced(model, dict(max_memory), no_split)
-                assert get_balanced_memory(model, dict(max_memory), no_split, low_zero=True) == acc_balanced(model, dict(max_memory), no_split, low_zero=True)
+                assert get_balanced_memory(model, dict(max_memory), no_split, low_zero=True) == acc_balanced(
+                    model, dict(max_memory), no_split, low_zero=True
+                )
 
 
 def without_uncovered_buffers(ours: dict, theirs: dict) -> dict:
@@ -83,7 +85,9 @@ def test_split_modules_keep_their_direct_buffers():
 def test_sizes_and_tied_parameters_match_accelerate(kind):
     model = build(kind, empty=True)
     assert dict(compute_module_sizes(model)) == dict(acc_sizes(model))
-    assert dict(compute_module_sizes(model, dtype=torch.float16)) == dict(acc_sizes(model, dtype=torch.float16))  # shrinking casts agree
+    assert dict(compute_module_sizes(model, dtype=torch.float16)) == dict(
+        acc_sizes(model, dtype=torch.float16)
+    )  # shrinking casts agree
     assert find_tied_parameters(model) == acc_tied(model)
 
 
@@ -179,7 +183,12 @@ def test_device_map_strings():
 
 
 def test_max_memory_keys_and_sizes():
-    assert placement.normalize_max_memory({"cpu": "1GiB", "cuda:1": "2GB", 0: 5, "disk": 1}) == {0: 5, 1: 2 * 10**9, "cpu": 2**30, "disk": 1}
+    assert placement.normalize_max_memory({"cpu": "1GiB", "cuda:1": "2GB", 0: 5, "disk": 1}) == {
+        0: 5,
+        1: 2 * 10**9,
+        "cpu": 2**30,
+        "disk": 1,
+    }
     with pytest.raises(UsageError, match="unknown device 'tpu'"):
         placement.normalize_max_memory({"tpu": "1GB"})
     with pytest.raises(UsageError, match="ambiguous"):

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.gpu
 def llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
+    return LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,9 @@ def test_auto_map_under_a_gpu_cap_is_bitwise_equal(saved, on_gpu, tmp_path):
     x = ids()
     want = logits(on_gpu, x.cuda()).cpu()
     total = sum(p.numel() * 2 for p in empty().parameters())
-    model = load_checkpoint_and_dispatch(empty(), saved, device_map="auto", max_memory={0: total // 2, "cpu": total // 2}, offload_folder=tmp_path)
+    model = load_checkpoint_and_dispatch(
+        empty(), saved, device_map="auto", max_memory={0: total // 2, "cpu": total // 2}, offload_folder=tmp_path
+    )
     assert {0, "cpu", "disk"} <= set(model.hf_device_map.values())
     assert torch.equal(logits(model, x), want)
 
@@ -139,6 +143,15 @@ def test_tied_head_and_embedding_offloaded_on_gpu(tier, tmp_path):
     folder = save(reference, tmp_path / "ckpt")
     with torch.no_grad():
         want = reference.cuda()(**{k: v.cuda() for k, v in inputs("gpt2").items()}).logits.cpu()
-    device_map = {"transformer.wte": tier, "transformer.wpe": 0, "transformer.drop": 0, "transformer.h": tier, "transformer.ln_f": 0, "lm_head": tier}
-    model = load_checkpoint_and_dispatch(build("gpt2", empty=True), folder, device_map=device_map, offload_folder=tmp_path / "off")
+    device_map = {
+        "transformer.wte": tier,
+        "transformer.wpe": 0,
+        "transformer.drop": 0,
+        "transformer.h": tier,
+        "transformer.ln_f": 0,
+        "lm_head": tier,
+    }
+    model = load_checkpoint_and_dispatch(
+        build("gpt2", empty=True), folder, device_map=device_map, offload_folder=tmp_path / "off"
+    )
     assert torch.equal(run(model, "gpt2"), want)

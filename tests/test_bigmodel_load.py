@@ -76,7 +76,9 @@ def test_auto_map_with_cpu_budget_offloads_to_disk(saved, kind, tmp_path):
     folder, want = saved[kind]
     model = build(kind, empty=True)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    model = load_checkpoint_and_dispatch(model, folder, device_map="auto", max_memory={"cpu": total * 3 // 4}, offload_folder=tmp_path)
+    model = load_checkpoint_and_dispatch(
+        model, folder, device_map="auto", max_memory={"cpu": total * 3 // 4}, offload_folder=tmp_path
+    )
     assert {"cpu", "disk"} <= set(model.hf_device_map.values())
     assert torch.equal(run(model, kind), want)
 
@@ -95,7 +97,9 @@ def test_dtype_cast_on_disk_is_written_once(saved, tmp_path):
     reference = build("llama")
     for param in reference.parameters():  # floating checkpoint tensors are cast; the computed rotary buffer is not
         param.data = param.data.to(torch.bfloat16)
-    model = load_checkpoint_and_dispatch(build("llama", empty=True), folder, device_map={"": "disk"}, offload_folder=tmp_path, dtype="bf16")
+    model = load_checkpoint_and_dispatch(
+        build("llama", empty=True), folder, device_map={"": "disk"}, offload_folder=tmp_path, dtype="bf16"
+    )
     written = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
     assert written and all(t.dtype == "BF16" for t in model._shardkit_offload.tensors.values())
     assert torch.equal(run(model, "llama"), run(reference, "llama"))
@@ -111,8 +115,12 @@ def test_bin_checkpoint_on_disk_tier(tmp_path):
     from builders import save_bin
 
     reference = build("gpt2")
-    source = save_bin({k: v.clone() for k, v in reference.state_dict().items() if k != "lm_head.weight"}, tmp_path / "pytorch_model.bin")
-    model = load_checkpoint_and_dispatch(build("gpt2", empty=True), source, device_map={"": "disk"}, offload_folder=tmp_path / "off")
+    source = save_bin(
+        {k: v.clone() for k, v in reference.state_dict().items() if k != "lm_head.weight"}, tmp_path / "pytorch_model.bin"
+    )
+    model = load_checkpoint_and_dispatch(
+        build("gpt2", empty=True), source, device_map={"": "disk"}, offload_folder=tmp_path / "off"
+    )
     assert any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "off"))  # torch zip bytes are copied once
     assert torch.equal(run(model, "gpt2"), run(reference, "gpt2"))
 
@@ -128,8 +136,16 @@ def test_minilm_disk_offload_matches_transformers(minilm, tmp_path, monkeypatch)
         param.data = param.data.clone()
     with init_empty_weights():
         model = AutoModel.from_config(AutoConfig.from_pretrained(minilm)).eval()
-    device_map = {"embeddings": "cpu", "encoder.layer.0": "disk", "encoder.layer.1": "cpu", "encoder.layer.2": "disk",
-                  "encoder.layer.3": "disk", "encoder.layer.4": "cpu", "encoder.layer.5": "disk", "pooler": "disk"}
+    device_map = {
+        "embeddings": "cpu",
+        "encoder.layer.0": "disk",
+        "encoder.layer.1": "cpu",
+        "encoder.layer.2": "disk",
+        "encoder.layer.3": "disk",
+        "encoder.layer.4": "cpu",
+        "encoder.layer.5": "disk",
+        "pooler": "disk",
+    }
     model = load_checkpoint_and_dispatch(model, minilm, device_map=device_map, offload_folder=tmp_path)
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 6251, 102]])
     with torch.no_grad():
@@ -151,8 +167,14 @@ def test_tied_embeddings_stay_tied(saved):
 def test_weights_tied_across_offloaded_blocks(saved, wte, head, tmp_path):
     """The LM head and the embedding share one tensor but run as two blocks: each block gets its own view."""
     folder, want = saved["gpt2"]
-    device_map = {"transformer.wte": wte, "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h": "disk",
-                  "transformer.ln_f": "cpu", "lm_head": head}
+    device_map = {
+        "transformer.wte": wte,
+        "transformer.wpe": "cpu",
+        "transformer.drop": "cpu",
+        "transformer.h": "disk",
+        "transformer.ln_f": "cpu",
+        "lm_head": head,
+    }
     model = load_checkpoint_and_dispatch(build("gpt2", empty=True), folder, device_map=device_map, offload_folder=tmp_path)
     assert torch.equal(run(model, "gpt2"), want)
 
@@ -245,7 +267,9 @@ def test_device_map_leaving_a_module_out(saved):
 def test_changed_or_truncated_offload_files_are_refused(saved, tmp_path):
     folder, want = saved["llama"]
     offload = tmp_path / "off"
-    model = load_checkpoint_and_dispatch(build("llama", empty=True), folder, device_map={"": "disk"}, offload_folder=offload, dtype="bf16")
+    model = load_checkpoint_and_dispatch(
+        build("llama", empty=True), folder, device_map={"": "disk"}, offload_folder=offload, dtype="bf16"
+    )
     remove_hooks(model)
     # Reopening the folder works while the files are intact...
     model = build("llama", empty=True).to(torch.bfloat16)
@@ -269,7 +293,9 @@ def test_batchnorm_on_disk_keeps_running_statistics(tmp_path):
     torch.manual_seed(0)
 
     def net():
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3), torch.nn.BatchNorm2d(2))
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3), torch.nn.BatchNorm2d(2)
+        )
 
     reference = net()
     reference.train()
@@ -282,7 +308,9 @@ def test_batchnorm_on_disk_keeps_running_statistics(tmp_path):
         with init_empty_weights():
             model = net().eval()
         device_map = {"0": "cpu", "1": "disk", "2": "cpu", "3": "disk", "4": "disk"}
-        load_checkpoint_and_dispatch(model, tmp_path, device_map=device_map, offload_folder=tmp_path / "off", offload_buffers=offload_buffers)
+        load_checkpoint_and_dispatch(
+            model, tmp_path, device_map=device_map, offload_folder=tmp_path / "off", offload_buffers=offload_buffers
+        )
         with torch.no_grad():
             assert torch.equal(model(x), reference(x))
         if not offload_buffers:
@@ -307,7 +335,9 @@ def test_cpu_offload_and_disk_offload_of_a_loaded_model(tmp_path):
 
 def test_remove_hooks_restores_plain_forward(saved, tmp_path):
     folder, want = saved["llama"]
-    model = load_checkpoint_and_dispatch(build("llama", empty=True), folder, device_map={"model": "cpu", "lm_head": "disk"}, offload_folder=tmp_path)
+    model = load_checkpoint_and_dispatch(
+        build("llama", empty=True), folder, device_map={"model": "cpu", "lm_head": "disk"}, offload_folder=tmp_path
+    )
     assert "forward" in model.model.__dict__
     remove_hooks(model)
     assert "forward" not in model.model.__dict__ and "forward" not in model.__dict__
@@ -318,7 +348,9 @@ def test_out_of_memory_in_a_block_names_it_and_leaves_the_model_usable(saved, tm
     from shardkit.bigmodel import OutOfMemoryError
 
     folder, want = saved["llama"]
-    model = load_checkpoint_and_dispatch(build("llama", empty=True), folder, device_map=mixed_map(build("llama", empty=True)), offload_folder=tmp_path)
+    model = load_checkpoint_and_dispatch(
+        build("llama", empty=True), folder, device_map=mixed_map(build("llama", empty=True)), offload_folder=tmp_path
+    )
     layer = model.model.layers[1]  # on the disk tier in the mixed map
     mlp_class = type(layer.mlp)
     original = mlp_class.forward

@@ -1,8 +1,9 @@
 """Peak host memory of loads, measured in a fresh subprocess on a generated 200 MB checkpoint.
 
 Stated bounds (README "Loading big models"): a load holds the CPU-tier weights plus the read-ahead ring
-(3 chunks of at most 64 MiB, never more than 3 x the largest tensor, plus one chunk for casts) and nothing proportional to a shard or
-the model; a forward with disk offload holds two staging slabs of the largest block on the execution device.
+(3 chunks of at most 64 MiB, never more than 3 x the largest tensor, plus one chunk for casts) and nothing
+proportional to a shard or the model; a forward with disk offload holds two staging slabs of the largest block on the
+execution device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TENSOR = WIDTH * WIDTH * 4  # 16 MiB per weight, fp32
 MODEL = LAYERS * (TENSOR + WIDTH * 4)
 SLACK = 16 * 2**20  # allocator and interpreter noise
 
-SCRIPT = r"""
+SCRIPT = rf"""
 import json, sys
 import torch
 from shardkit import init_empty_weights, load_checkpoint_and_dispatch
@@ -37,25 +38,27 @@ def reset_peak():
         handle.write("5")
 
 def net():
-    return torch.nn.Sequential(*[torch.nn.Linear({width}, {width}) for _ in range({layers})])
+    return torch.nn.Sequential(*[torch.nn.Linear({WIDTH}, {WIDTH}) for _ in range({LAYERS})])
 
 folder, mode, offload = sys.argv[1:4]
 with init_empty_weights():
     model = net()
-x = torch.ones(1, {width})
-torch.nn.functional.linear(x, torch.ones({width}, {width}))  # warm the kernels before measuring
+x = torch.ones(1, {WIDTH})
+torch.nn.functional.linear(x, torch.ones({WIDTH}, {WIDTH}))  # warm the kernels before measuring
 import gc; gc.collect()
 reset_peak()
 base = peak()
 kwargs = dict(cpu=dict(device_map={{"": "cpu"}}),
-              disk=dict(device_map={{str(i): "disk" for i in range({layers})}}, offload_folder=offload),
-              disk_bf16=dict(device_map={{str(i): "disk" for i in range({layers})}}, offload_folder=offload, dtype=torch.bfloat16))[mode]
+              disk=dict(device_map={{str(i): "disk" for i in range({LAYERS})}}, offload_folder=offload),
+              disk_bf16=dict(device_map={{str(i): "disk" for i in range({LAYERS})}}, offload_folder=offload,
+                             dtype=torch.bfloat16))[mode]
 model = load_checkpoint_and_dispatch(model, folder, force_hooks=True, **kwargs)
 loaded = peak()
 with torch.no_grad():
-    model(x.to(next(iter(model.state_dict().values())).dtype if mode == "cpu" else (torch.bfloat16 if mode == "disk_bf16" else torch.float32)))
+    dtype = next(iter(model.state_dict().values())).dtype if mode == "cpu" else None
+    model(x.to(dtype or (torch.bfloat16 if mode == "disk_bf16" else torch.float32)))
 print(json.dumps({{"load": loaded - base, "forward": peak() - base}}))
-""".format(width=WIDTH, layers=LAYERS)
+"""
 
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
@@ -75,7 +78,9 @@ def checkpoint(tmp_path_factory):
 
 def measure(folder, mode, tmp_path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), mode, str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder), mode, str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -28,7 +28,10 @@ def test_sharded_bin_keeps_layout(tmp_path):
     result = run_shardkit("convert", tmp_path / "src", tmp_path / "out", "--verify")
     assert result.returncode == 0, result.stderr
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
-    renamed = {name: file.replace("pytorch_model", "model").replace(".bin", ".safetensors") for name, file in source["weight_map"].items()}
+    renamed = {
+        name: file.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        for name, file in source["weight_map"].items()
+    }
     del renamed["model.embed_tokens.weight"]  # one copy of the tied pair; the other name is recorded as hub does
     assert index["weight_map"] == renamed
     assert index["metadata"] == {"total_size": source["metadata"]["total_size"], "model.embed_tokens.weight": "lm_head.weight"}
@@ -97,7 +100,10 @@ def test_minilm_through_shards_bin_and_back_gives_identical_outputs(tmp_path):
     os.environ.update(child_env())  # HF_HUB_OFFLINE for from_pretrained
     from transformers import AutoModel
 
-    inputs = {"input_ids": torch.tensor([[101, 7592, 2088, 999, 2023, 2003, 102]]), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.tensor([[101, 7592, 2088, 999, 2023, 2003, 102]]),
+        "attention_mask": torch.ones(1, 7, dtype=torch.long),
+    }
 
     def outputs(folder):
         model = AutoModel.from_pretrained(folder).eval()

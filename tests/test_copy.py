@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from shardkit import copy
 from shardkit.errors import CheckpointError
+from shardkit.write import byteio as copy
 
 METHODS = {
     "copy_file_range": {"copy_file_range": True, "sendfile": True},
@@ -29,7 +29,9 @@ def files(tmp_path, data: bytes):
     return src, dst
 
 
-@pytest.mark.parametrize("src_offset, dst_offset, count", [(0, 0, 3 * 4096 + 5), (64, 8, 3 * 4096), (4096 + 64, 64, 50_000), (7, 7, 1), (10, 0, 0)])
+@pytest.mark.parametrize(
+    "src_offset, dst_offset, count", [(0, 0, 3 * 4096 + 5), (64, 8, 3 * 4096), (4096 + 64, 64, 50_000), (7, 7, 1), (10, 0, 0)]
+)
 def test_copies_exact_ranges(tmp_path, method, src_offset, dst_offset, count):
     data = os.urandom(60_000)
     src, dst = files(tmp_path, data)

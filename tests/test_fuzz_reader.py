@@ -6,13 +6,17 @@ import struct
 
 import pytest
 import torch
+from builders import save_bin, save_safetensors, tied_state_dict, varied_state_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builders import save_bin, save_safetensors, tied_state_dict, varied_state_dict
 from shardkit import CheckpointError, load_tensor, open_checkpoint
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")

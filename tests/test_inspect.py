@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from builders import save_bin, save_sharded, tied_state_dict, varied_state_dict
 from click.testing import CliRunner
 
-from builders import save_bin, save_sharded, tied_state_dict, varied_state_dict
 from shardkit.cli import main
 
 
@@ -53,7 +53,14 @@ def test_tensor_listing(tmp_path):
     summary = json.loads(run("inspect", str(path), "--json", "--tensors"))
     rows = {row["name"]: row for row in summary["tensor_list"]}
     assert rows["model.embed_tokens.weight"]["alias_of"] == "lm_head.weight"
-    assert rows["model.norm.weight"] == {"name": "model.norm.weight", "dtype": "F32", "shape": [8], "bytes": 32, "file": str(path), "alias_of": None}
+    assert rows["model.norm.weight"] == {
+        "name": "model.norm.weight",
+        "dtype": "F32",
+        "shape": [8],
+        "bytes": 32,
+        "file": str(path),
+        "alias_of": None,
+    }
 
 
 def test_minilm(minilm):

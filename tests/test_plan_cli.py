@@ -44,7 +44,9 @@ def test_headers_plan_matches_the_config_plan(llama):
     for budget in ("0=100KB,cpu=60KB", "0=200KB", "cpu=50KB", "0=60KB,1=60KB,cpu=1GB"):
         for dtype in ([], ["--dtype", "bf16"]):
             headers = orjson.loads(plan(llama, "--max-memory", budget, "--json", *dtype).output)
-            config = orjson.loads(plan(llama, "--max-memory", budget, "--json", "--model-config", llama / "config.json", *dtype).output)
+            config = orjson.loads(
+                plan(llama, "--max-memory", budget, "--json", "--model-config", llama / "config.json", *dtype).output
+            )
             assert config["source"] == "config"
             assert {k: v for k, v in config["device_map"].items() if k != "model.rotary_emb"} == headers["device_map"], budget
 

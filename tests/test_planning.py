@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shardkit import open_checkpoint
 from shardkit.errors import UsageError
-from shardkit.planning import pack, plan_convert, plan_split, safetensors_order
+from shardkit.write.plan import pack, plan_convert, plan_split, safetensors_order
 
 
 class Fake:
@@ -109,10 +109,17 @@ def test_safetensors_order_is_the_reference_writers(tmp_path):
     from safetensors.torch import save_file
 
     state = {
-        "b": torch.zeros(2, dtype=torch.int8), "a": torch.zeros(2, dtype=torch.float64), "c": torch.zeros(3),
-        "d": torch.zeros(1, dtype=torch.bfloat16), "e": torch.zeros(1, dtype=torch.float16), "f": torch.zeros(2, dtype=torch.uint16),
-        "g": torch.zeros(2, dtype=torch.int64), "h": torch.zeros(2, dtype=torch.float8_e4m3fn), "i": torch.zeros(2, dtype=torch.bool),
-        "j": torch.zeros(2, dtype=torch.int32), "k": torch.zeros(2, dtype=torch.uint32),
+        "b": torch.zeros(2, dtype=torch.int8),
+        "a": torch.zeros(2, dtype=torch.float64),
+        "c": torch.zeros(3),
+        "d": torch.zeros(1, dtype=torch.bfloat16),
+        "e": torch.zeros(1, dtype=torch.float16),
+        "f": torch.zeros(2, dtype=torch.uint16),
+        "g": torch.zeros(2, dtype=torch.int64),
+        "h": torch.zeros(2, dtype=torch.float8_e4m3fn),
+        "i": torch.zeros(2, dtype=torch.bool),
+        "j": torch.zeros(2, dtype=torch.int32),
+        "k": torch.zeros(2, dtype=torch.uint32),
     }
     save_file(state, tmp_path / "ref.safetensors")
     checkpoint = open_checkpoint(tmp_path / "ref.safetensors")

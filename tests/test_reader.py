@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import save_bin, save_safetensors, save_sharded, tensor_bytes, tied_state_dict, varied_state_dict
 from safetensors import safe_open
 
-from builders import save_bin, save_safetensors, save_sharded, tensor_bytes, tied_state_dict, varied_state_dict
 from shardkit import load_tensor, open_checkpoint
 from shardkit.dtypes import from_torch_dtype
 
@@ -82,7 +82,10 @@ def test_wrapped_state_dict_is_unwrapped(tmp_path, wrapper):
     path = save_bin({wrapper: state, "epoch": 7, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pt")
     checkpoint = open_checkpoint(path)
     assert list(checkpoint.entries) == list(state)
-    assert checkpoint.files[0].skipped == {"epoch": f"int beside the {wrapper!r} state dict", "optimizer": f"dict of 1 entries beside the {wrapper!r} state dict"}
+    assert checkpoint.files[0].skipped == {
+        "epoch": f"int beside the {wrapper!r} state dict",
+        "optimizer": f"dict of 1 entries beside the {wrapper!r} state dict",
+    }
 
 
 def test_non_tensor_values_are_reported(tmp_path):

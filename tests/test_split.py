@@ -83,7 +83,9 @@ def test_bin_output_loads_with_torch_and_keeps_sharing(tmp_path, limit):
     state = lm_state()
     save_bin(state, tmp_path / "src.bin")
     (tmp_path / "hub").mkdir()
-    save_torch_state_dict(torch.load(tmp_path / "src.bin", weights_only=True), tmp_path / "hub", max_shard_size=limit, safe_serialization=False)
+    save_torch_state_dict(
+        torch.load(tmp_path / "src.bin", weights_only=True), tmp_path / "hub", max_shard_size=limit, safe_serialization=False
+    )
     shardkit.split(tmp_path / "src.bin", tmp_path / "out", max_shard_size=limit, format="bin", verify=True)
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "hub"))
     index = "pytorch_model.bin.index.json"
@@ -91,7 +93,9 @@ def test_bin_output_loads_with_torch_and_keeps_sharing(tmp_path, limit):
         assert (tmp_path / "out" / index).read_bytes() == (tmp_path / "hub" / index).read_bytes()
     loaded = load_any(tmp_path / "out")
     assert_same_tensors(loaded, state)
-    assert loaded["lm_head.weight"].untyped_storage().data_ptr() == loaded["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    assert (
+        loaded["lm_head.weight"].untyped_storage().data_ptr() == loaded["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    )
     # and shardkit's own reader sees the alias
     assert shardkit.open_checkpoint(tmp_path / "out").aliases == {"model.embed_tokens.weight": "lm_head.weight"}
 
@@ -190,10 +194,14 @@ def test_non_empty_destination_and_overwrite(tmp_path):
     result = run_shardkit("split", tmp_path / "src.bin", out, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # stale shards and index gone, config kept
-    assert_same_tensors(load_file(out / "model.safetensors"), {k: v for k, v in lm_state().items() if k != "model.embed_tokens.weight"})
+    assert_same_tensors(
+        load_file(out / "model.safetensors"), {k: v for k, v in lm_state().items() if k != "model.embed_tokens.weight"}
+    )
     # and back to a sharded layout of another size
     assert run_shardkit("split", tmp_path / "src.bin", out, "--overwrite", "--max-shard-size", "1kB").returncode == 0
-    assert sorted(os.listdir(out)) == ["config.json"] + [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)] + ["model.safetensors.index.json"]
+    assert sorted(os.listdir(out)) == ["config.json"] + [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)] + [
+        "model.safetensors.index.json"
+    ]
     assert shardkit.open_checkpoint(out).total_bytes == shardkit.open_checkpoint(tmp_path / "src.bin").total_bytes
 
 

@@ -14,8 +14,8 @@ from builders import save_bin, save_sharded, tied_state_dict, varied_state_dict
 from cli_helpers import ROOT, child_env, load_any, run_python, run_shardkit
 
 import shardkit
-from shardkit.copy import BUFFER_SIZE
 from shardkit.formats.safetensors import build_header
+from shardkit.write.byteio import BUFFER_SIZE
 
 #: Run the CLI in-process and report whether torch got imported and the peak RSS in KiB. (VmHWM, not ru_maxrss:
 #: Linux carries the parent's RSS at fork into a child's ru_maxrss across exec, and this parent holds torch.)
@@ -31,7 +31,9 @@ finally:
 
 
 def run_child(*args) -> tuple[subprocess.CompletedProcess, bool, int]:
-    result = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, env=child_env(), cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, env=child_env(), cwd=ROOT
+    )
     marker, rss = result.stderr.strip().splitlines()[-1].split()
     return result, marker == "TORCH", int(rss) * 1024
 
@@ -123,7 +125,11 @@ def test_interrupted_run_leaves_no_destination_and_rerun_succeeds(tmp_path, how)
     env = child_env(SHARDKIT_TEST_STALL_AFTER_FILE="60")
     process = subprocess.Popen(
         [sys.executable, "-m", "shardkit", "split", str(tmp_path / "src.bin"), str(out), "--max-shard-size", "300"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+        text=True,
     )
     try:
         assert process.stderr.readline().startswith("shardkit: wrote ")  # first shard written, the run is stalled
@@ -167,8 +173,14 @@ def test_json_summary_of_a_real_run(tmp_path):
     save_bin(lm_state(), tmp_path / "src.bin")
     result = run_shardkit("convert", tmp_path / "src.bin", tmp_path / "out", "--json", "--verify")
     summary = orjson.loads(result.stdout)
-    assert summary["files"] == [{"name": "model.safetensors", "size": (tmp_path / "out" / "model.safetensors").stat().st_size, "tensors": 16}]
-    assert summary["verified"] and summary["dropped"] == {"model.embed_tokens.weight": "lm_head.weight"} and summary["materialized"] == 0
+    assert summary["files"] == [
+        {"name": "model.safetensors", "size": (tmp_path / "out" / "model.safetensors").stat().st_size, "tensors": 16}
+    ]
+    assert (
+        summary["verified"]
+        and summary["dropped"] == {"model.embed_tokens.weight": "lm_head.weight"}
+        and summary["materialized"] == 0
+    )
 
 
 def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
@@ -181,8 +193,22 @@ def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
     (out / "tokenizer" / "vocab.txt").write_text("a\nb\n")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     process = subprocess.Popen(
-        [sys.executable, "-m", "shardkit", "split", str(tmp_path / "src.bin"), str(out), "--max-shard-size", "300", "--overwrite"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(SHARDKIT_TEST_STALL_AFTER_FILE="60"), cwd=ROOT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shardkit",
+            "split",
+            str(tmp_path / "src.bin"),
+            str(out),
+            "--max-shard-size",
+            "300",
+            "--overwrite",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(SHARDKIT_TEST_STALL_AFTER_FILE="60"),
+        cwd=ROOT,
+        text=True,
     )
     try:
         assert process.stderr.readline().startswith("shardkit: wrote ")
@@ -200,7 +226,7 @@ def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
 
 def test_swap_interrupted_between_its_renames_is_repaired(tmp_path):
     """A crash after DST was set aside and before the new folder took its place: the next run puts the old one back."""
-    from shardkit.staging import remove_stale
+    from shardkit.write.staging import remove_stale
 
     save_bin(lm_state(), tmp_path / "src.bin")
     out = tmp_path / "out"

@@ -48,9 +48,13 @@ def test_first_forward_stages_one_block_ahead_and_ends_by_staging_the_first_bloc
     blocks = make_blocks(3)
     streamer = Recorder(torch.device("cpu"), blocks)
     assert forward(streamer, blocks) == [
-        ("run", "b0"), ("stage", "b0", 0), ("stage", "b1", 1),
-        ("run", "b1"), ("stage", "b2", 0),
-        ("run", "b2"), ("stage", "b0", 1),  # the next forward's first block, while this one ends
+        ("run", "b0"),
+        ("stage", "b0", 0),
+        ("stage", "b1", 1),
+        ("run", "b1"),
+        ("stage", "b2", 0),
+        ("run", "b2"),
+        ("stage", "b0", 1),  # the next forward's first block, while this one ends
     ]
 
 
@@ -62,8 +66,10 @@ def test_resident_blocks_at_the_start_overlap_the_second_blocks_copy():
     assert forward(streamer, blocks) == [
         ("stage", "b1", 0),
         ("run", "b0"),
-        ("run", "b1"), ("stage", "b2", 1),
-        ("run", "b2"), ("stage", "b0", 0),
+        ("run", "b1"),
+        ("stage", "b2", 1),
+        ("run", "b2"),
+        ("stage", "b0", 0),
     ]
     assert forward(streamer, blocks)[0] == ("stage", "b1", 1)
 
@@ -88,8 +94,10 @@ def test_the_learned_order_replaces_module_order():
     assert forward(streamer, order) == [
         ("stage", "b2", 1),
         ("run", "b0"),
-        ("run", "b2"), ("stage", "b1", 0),
-        ("run", "b1"), ("stage", "b0", 1),
+        ("run", "b2"),
+        ("stage", "b1", 0),
+        ("run", "b1"),
+        ("stage", "b0", 1),
     ]
 
 

@@ -59,9 +59,15 @@ def test_zip64_offsets_and_sizes(tmp_path):
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
         archive = ZipWriter(fd, "archive")
-        archive.add("data.pkl", state_dict_pickle([
-            ("big", PickledTensor("U8", (big,), "0", big)), ("tail", PickledTensor("U8", (4,), "1", 4)),
-        ]))
+        archive.add(
+            "data.pkl",
+            state_dict_pickle(
+                [
+                    ("big", PickledTensor("U8", (big,), "0", big)),
+                    ("tail", PickledTensor("U8", (4,), "1", 4)),
+                ]
+            ),
+        )
         archive.add("byteorder", b"little")
         offset = archive.begin("data/0", big)
         assert offset % 64 == 0

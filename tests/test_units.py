@@ -7,18 +7,37 @@ import pytest
 from shardkit.dtypes import parse_dtype
 from shardkit.errors import UsageError
 from shardkit.naming import format_of_name, index_file_name, parse_shard_name, shard_file_name, single_file_name
-from shardkit.sizes import format_size, parse_size
+from shardkit.units import format_size, parse_size
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("5GB", 5 * 10**9), ("5GiB", 5 * 2**30), ("500MB", 500 * 10**6), ("123", 123), (123, 123), ("1.5 gb", 1_500_000_000), ("2kib", 2048), ("10B", 10)],
+    [
+        ("5GB", 5 * 10**9),
+        ("5GiB", 5 * 2**30),
+        ("500MB", 500 * 10**6),
+        ("123", 123),
+        (123, 123),
+        ("1.5 gb", 1_500_000_000),
+        ("2kib", 2048),
+        ("10B", 10),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [("5G", "ambiguous"), ("five GB", "cannot read"), ("5XB", "unknown unit"), ("0", "larger than zero"), ("-1GB", "cannot read"), ("", "cannot read")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("5G", "ambiguous"),
+        ("five GB", "cannot read"),
+        ("5XB", "unknown unit"),
+        ("0", "larger than zero"),
+        ("-1GB", "cannot read"),
+        ("", "cannot read"),
+    ],
+)
 def test_parse_size_rejects_nonsense(text, message):
     with pytest.raises(UsageError, match=message):
         parse_size(text)
@@ -45,7 +64,9 @@ def test_hub_names():
     assert format_of_name("pytorch_model-00001-of-00002.bin") == "bin"
 
 
-@pytest.mark.parametrize("text, expected", [("bf16", "BF16"), ("torch.float16", "F16"), ("fp32", "F32"), ("F64", "F64"), ("half", "F16")])
+@pytest.mark.parametrize(
+    "text, expected", [("bf16", "BF16"), ("torch.float16", "F16"), ("fp32", "F32"), ("F64", "F64"), ("half", "F16")]
+)
 def test_parse_dtype(text, expected):
     assert parse_dtype(text) == expected
 

@@ -160,7 +160,10 @@ def test_index_key_unlisted(sharded):
 def test_duplicate_tensor(tmp_path):
     write_sf(tmp_path / "model-00001-of-00002.safetensors", [("a", "F32", (1,), f32(1)), ("b", "F32", (1,), f32(2))])
     write_sf(tmp_path / "model-00002-of-00002.safetensors", [("b", "F32", (1,), f32(2))])
-    index = {"metadata": {"total_size": 8}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {"total_size": 8},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     report = validate(tmp_path)
     assert codes(report) == ["duplicate-tensor"]
@@ -213,10 +216,21 @@ GOOD = [("a", "F32", (2,), f32(1, 2)), ("b", "F32", (1,), f32(3))]
         ("sf-unknown-dtype", lambda p: write_raw(p, b'{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}', f32(1))),
         ("sf-size-mismatch", lambda p: write_raw(p, b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}', f32(1))),
         ("sf-offsets", lambda p: write_raw(p, b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', f32(1, 2))),
-        ("sf-offsets", lambda p: write_raw(p, b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', f32(1))),
+        (
+            "sf-offsets",
+            lambda p: write_raw(
+                p,
+                b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                b'"b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+                f32(1),
+            ),
+        ),
         ("sf-truncated", lambda p: p.write_bytes(write_sf(p, GOOD).read_bytes()[:-2])),
         ("sf-trailing-bytes", lambda p: p.write_bytes(write_sf(p, GOOD).read_bytes() + b"junk")),
-        ("lfs-pointer", lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 123\n")),
+        (
+            "lfs-pointer",
+            lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 123\n"),
+        ),
         ("html-page", lambda p: p.write_text("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>")),
     ],
 )
@@ -230,15 +244,19 @@ def test_file_rules(tmp_path, code, make):
 
 
 def test_every_rule_a_header_breaks_is_reported(tmp_path):
-    header = (b'{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}, '
-              b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}, '
-              b'"c": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}, '
-              b'"__metadata__": {"format": 5}}')
+    header = (
+        b'{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}, '
+        b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}, '
+        b'"c": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}, '
+        b'"__metadata__": {"format": 5}}'
+    )
     write_raw(tmp_path / "model.safetensors", header, bytes(16))
     report = validate(tmp_path)
     assert [(f.code, f.file) for f in report.findings] == [
-        ("sf-bad-metadata", "model.safetensors"), ("sf-unknown-dtype", "model.safetensors"),
-        ("sf-size-mismatch", "model.safetensors"), ("sf-trailing-bytes", "model.safetensors"),
+        ("sf-bad-metadata", "model.safetensors"),
+        ("sf-unknown-dtype", "model.safetensors"),
+        ("sf-size-mismatch", "model.safetensors"),
+        ("sf-trailing-bytes", "model.safetensors"),
     ]
     assert "'a'" in report.findings[1].message and "'b'" in report.findings[2].message
 
@@ -363,16 +381,24 @@ def test_report_to_dict(sharded):
     data = validate(sharded).to_dict()
     assert data["verdict"] == "broken" and data["errors"] == 1 and data["bytes_downloaded"] == 0
     assert data["findings"] == [
-        {"code": "missing-shard", "severity": "error", "file": "model-00002-of-00003.safetensors", "tensor": None,
-         "message": data["findings"][0]["message"]}
+        {
+            "code": "missing-shard",
+            "severity": "error",
+            "file": "model-00002-of-00003.safetensors",
+            "tensor": None,
+            "message": data["findings"][0]["message"],
+        }
     ]
 
 
 def _cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "shardkit", "validate", *map(str, args)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})},
-        capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -388,7 +414,11 @@ def test_cli_exit_codes_and_output(sharded, tmp_path):
     assert lines[3] == "warnings (1)" and "stale-shard" in lines[4]
     assert lines[-1].startswith("BROKEN: ") and "1 errors, 1 warnings" in lines[-1]
     unreadable = _cli(tmp_path / "nope")
-    assert unreadable.returncode == 2 and unreadable.stderr.startswith("shardkit: error: ") and len(unreadable.stderr.splitlines()) == 1
+    assert (
+        unreadable.returncode == 2
+        and unreadable.stderr.startswith("shardkit: error: ")
+        and len(unreadable.stderr.splitlines()) == 1
+    )
 
 
 def test_cli_json(sharded):
@@ -407,8 +437,14 @@ def test_header_path_never_imports_torch(sharded):
         "b = validate(sys.argv[1] + '/pytorch_model.bin'); assert b.ok and b.tensors_checked == 7, b.findings; "
         "print('torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(sharded)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(sharded)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 

@@ -73,7 +73,9 @@ def test_checksums_written_then_compared(tmp_path):
     save_safetensors(changed, tmp_path / "model.safetensors")
     report = validate(tmp_path / "model.safetensors", checksums=manifest)
     assert {(f.code, f.tensor) for f in report.findings} == {
-        ("checksum-mismatch", "scale"), ("checksum-missing", "empty"), ("checksum-unlisted", "extra")
+        ("checksum-mismatch", "scale"),
+        ("checksum-missing", "empty"),
+        ("checksum-unlisted", "extra"),
     }
 
 
@@ -109,8 +111,16 @@ def test_model_config_missing_unexpected_and_mismatched(tmp_path):
 def test_model_config_tied_weights(tmp_path):
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"],
+    )
     config.save_pretrained(tmp_path)
     from transformers import LlamaForCausalLM
 
@@ -136,10 +146,9 @@ def test_model_config_unbuildable(tmp_path):
 
 def test_cli_model_config_flag_alone(tmp_path):
     from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
 
     from shardkit.cli import main
-
-    from safetensors.torch import load_file, save_file
 
     state = load_file(str(minilm_dir() / "model.safetensors"))
     state.pop("pooler.dense.weight")
@@ -147,7 +156,9 @@ def test_cli_model_config_flag_alone(tmp_path):
     shutil.copy(minilm_dir() / "config.json", tmp_path / "config.json")
     result = CliRunner().invoke(main, ["validate", str(tmp_path), "--model-config", "--json"])
     assert result.exit_code == 1
-    assert [(f["code"], f["tensor"]) for f in json.loads(result.output)["findings"]] == [("model-missing-key", "pooler.dense.weight")]
+    assert [(f["code"], f["tensor"]) for f in json.loads(result.output)["findings"]] == [
+        ("model-missing-key", "pooler.dense.weight")
+    ]
     explicit = CliRunner().invoke(main, ["validate", "--model-config", str(tmp_path / "config.json"), str(tmp_path)])
     assert explicit.exit_code == 1 and "model-missing-key" in explicit.output
 
@@ -159,4 +170,8 @@ def test_deep_on_minilm_finds_its_untrained_pooler_bias():
     state = load_file(str(minilm_dir() / "model.safetensors"))
     zero = sorted(name for name, t in state.items() if t.is_floating_point() and not t.count_nonzero())
     report = validate(minilm_dir(), deep=True)
-    assert [(f.code, f.tensor) for f in report.findings] == [("all-zero", name) for name in zero] == [("all-zero", "pooler.dense.bias")]
+    assert (
+        [(f.code, f.tensor) for f in report.findings]
+        == [("all-zero", name) for name in zero]
+        == [("all-zero", "pooler.dense.bias")]
+    )

@@ -103,7 +103,9 @@ def test_index_naming_absolute_and_windows_paths(tmp_path):
     data["weight_map"].update({"a": "/etc/passwd", "b": "C:\\Windows\\x.safetensors", "c": "..\\..\\x.safetensors"})
     path.write_text(json.dumps(data))
     report = validate(tmp_path)
-    assert sorted(f.file for f in report.findings if f.code == "path-escapes-folder") == sorted(["/etc/passwd", "C:\\Windows\\x.safetensors", "..\\..\\x.safetensors"])
+    assert sorted(f.file for f in report.findings if f.code == "path-escapes-folder") == sorted(
+        ["/etc/passwd", "C:\\Windows\\x.safetensors", "..\\..\\x.safetensors"]
+    )
 
 
 # --- mutations of valid files ---------------------------------------------------------------------------------
@@ -126,7 +128,10 @@ mutation = st.one_of(
     st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), min_size=1, max_size=8)),
     st.tuples(st.just("length"), st.sampled_from([0, 1, 7, 8, 2**32, 2**63, 2**64 - 1, 99_999_999, 100_000_001])),
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
-    st.tuples(st.just("index"), st.sampled_from(["drop-key", "add-key", "retarget", "total", "float-total", "garbage", "flat", "not-object"])),
+    st.tuples(
+        st.just("index"),
+        st.sampled_from(["drop-key", "add-key", "retarget", "total", "float-total", "garbage", "flat", "not-object"]),
+    ),
 )
 
 
@@ -166,9 +171,17 @@ def _mutate(data: bytes, how) -> bytes:
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(target=st.sampled_from(["sharded/model-00001-of-00004.safetensors", "sharded/model.safetensors.index.json",
-                               "pytorch_model.bin", "model.safetensors"]),
-       how=mutation)
+@given(
+    target=st.sampled_from(
+        [
+            "sharded/model-00001-of-00004.safetensors",
+            "sharded/model.safetensors.index.json",
+            "pytorch_model.bin",
+            "model.safetensors",
+        ]
+    ),
+    how=mutation,
+)
 def test_mutations_always_give_a_report(tmp_path_factory, pristine, target, how):
     root = tmp_path_factory.mktemp("mutant")
     for name, content in pristine.items():

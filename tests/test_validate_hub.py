@@ -37,8 +37,14 @@ def _isolate(monkeypatch, tmp_path, endpoint: str) -> None:
     shardkit passes the endpoint explicitly, and hf_hub_url only swaps an endpoint it recognises as the default.
     """
     home = tmp_path / "hf_home"
-    for name, value in {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "0",
-                        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+    for name, value in {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
@@ -61,7 +67,9 @@ def _cdn_gets(server: HubServer, name: str) -> int:
     return sum(1 for r in server.requests if r.startswith("GET /cdn/") and r.split(" ")[1].endswith("/" + name))
 
 
-def _huge_repo(server: HubServer, repo_id: str, *, shards: int = 3, shard_bytes: int = 2 * 10**9, header_tensors: int = 4) -> None:
+def _huge_repo(
+    server: HubServer, repo_id: str, *, shards: int = 3, shard_bytes: int = 2 * 10**9, header_tensors: int = 4
+) -> None:
     """A repo of ``shards`` safetensors shards of ``shard_bytes`` each whose bodies the server makes up lazily."""
     files, weight_map = {}, {}
     per = shard_bytes // header_tensors
@@ -108,7 +116,8 @@ def test_hub_size_limits_from_the_listing(hub):
     _huge_repo(hub, "org/giant", shards=2, shard_bytes=51 * 10**9)
     report = validate("org/giant")
     assert [(f.code, f.file) for f in report.findings] == [
-        ("file-too-large", "model-00001-of-00002.safetensors"), ("file-too-large", "model-00002-of-00002.safetensors")
+        ("file-too-large", "model-00001-of-00002.safetensors"),
+        ("file-too-large", "model-00002-of-00002.safetensors"),
     ]
     assert report.bytes_downloaded < 2 * 100_000 + 10_000
 
@@ -232,7 +241,9 @@ def test_offline_mode(hub, monkeypatch):
 
 def test_legacy_torch_file_in_a_repo_is_not_checked_remotely(hub, tmp_path):
     (tmp_path / "repo").mkdir()
-    torch.save({"w": torch.ones(3), "z": torch.zeros(2)}, tmp_path / "repo" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    torch.save(
+        {"w": torch.ones(3), "z": torch.zeros(2)}, tmp_path / "repo" / "pytorch_model.bin", _use_new_zipfile_serialization=False
+    )
     hub.add_folder("org/legacy", tmp_path / "repo")
     report = validate("org/legacy")
     assert report.codes == {"not-checked"} and report.ok
@@ -361,8 +372,12 @@ def olah(tmp_path_factory):
         f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{root / "repos"}"\nmirrors-path = ["{root / "mirrors"}"]\n'
         "[accessibility]\noffline = true\n"
     )
-    process = subprocess.Popen([sys.executable, "-m", "olah.server", "-c", str(root / "olah.toml"), "--log-path", str(root / "logs")],
-                               cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "olah.server", "-c", str(root / "olah.toml"), "--log-path", str(root / "logs")],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -427,8 +442,10 @@ def test_remote_header_rules_match_local(hub, tmp_path):
     (tmp_path / "repo" / "model.safetensors").write_bytes(data)
     hub.add_folder("org/bad", tmp_path / "repo")
     assert validate("org/bad").codes == validate(tmp_path / "repo").codes == {"sf-size-mismatch"}
-    header = (b'{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}, '
-              b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}}')
+    header = (
+        b'{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}, '
+        b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 8]}}'
+    )
     (tmp_path / "repo" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
     hub.add_folder("org/bad2", tmp_path / "repo")
     remote_findings = [(f.code, f.message) for f in validate("org/bad2").findings]
@@ -451,7 +468,11 @@ def test_split_and_convert_take_a_repo_id(hub, tmp_path, command):
     (folder / "README.md").write_text("# tied\n")
     hub.add_folder("org/src", folder)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [command, "org/src", str(out), "--quiet", "--revision", "main"] + (["--max-shard-size", "400"] if command == "split" else []))
+    result = CliRunner().invoke(
+        main,
+        [command, "org/src", str(out), "--quiet", "--revision", "main"]
+        + (["--max-shard-size", "400"] if command == "split" else []),
+    )
     assert result.exit_code == 0, result.output
     loaded = {}
     for path in sorted(out.glob("*.safetensors")):

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from builders import save_bin, tied_state_dict
 
 ROOT = Path(__file__).parents[1]

@@ -11,8 +11,8 @@ from shardkit._lazy import lazy_exports
 _EXPORTS = {
     "init_empty_weights": "shardkit.bigmodel.empty",
     "init_on_device": "shardkit.bigmodel.empty",
-    "compute_module_sizes": "shardkit.bigmodel.sizes",
-    "find_tied_parameters": "shardkit.bigmodel.sizes",
+    "compute_module_sizes": "shardkit.bigmodel.measure",
+    "find_tied_parameters": "shardkit.bigmodel.measure",
     "get_max_memory": "shardkit.bigmodel.devicemap",
     "get_balanced_memory": "shardkit.bigmodel.devicemap",
     "infer_auto_device_map": "shardkit.bigmodel.devicemap",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from . import placement
-from .sizes import compute_module_sizes, find_tied_parameters, module_tree
+from .measure import compute_module_sizes, find_tied_parameters, module_tree
 
 DEVICE_MAP_STRINGS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -37,14 +37,21 @@ def _no_split(classes) -> set[str]:
     return {classes} if isinstance(classes, str) else set(classes)
 
 
-def get_balanced_memory(model, max_memory: dict | None = None, no_split_module_classes=None, dtype=None, special_dtypes=None, low_zero: bool = False) -> dict:
+def get_balanced_memory(
+    model, max_memory: dict | None = None, no_split_module_classes=None, dtype=None, special_dtypes=None, low_zero: bool = False
+) -> dict:
     """A ``max_memory`` that spreads ``model`` evenly over the GPUs (accelerate's rule; see :func:`placement.balanced_memory`).
 
     With a single GPU and no ``max_memory`` given, 10% of it is left for activations.
     """
     sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes)
     return placement.balanced_memory(
-        module_tree(model), sizes, get_max_memory(max_memory), _no_split(no_split_module_classes), low_zero=low_zero, user_set=max_memory is not None
+        module_tree(model),
+        sizes,
+        get_max_memory(max_memory),
+        _no_split(no_split_module_classes),
+        low_zero=low_zero,
+        user_set=max_memory is not None,
     )
 
 
@@ -81,14 +88,18 @@ def infer_auto_device_map(
     )
 
 
-def resolve_device_map(model, device_map, max_memory=None, no_split_module_classes=None, dtype=None, offload_buffers=False) -> dict | None:
+def resolve_device_map(
+    model, device_map, max_memory=None, no_split_module_classes=None, dtype=None, offload_buffers=False
+) -> dict | None:
     """A device map from a string (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or as given."""
     if not isinstance(device_map, str):
         return None if device_map is None else dict(device_map)
     if device_map not in DEVICE_MAP_STRINGS:
         raise UsageError(f"unknown device_map {device_map!r}: use a dict or one of {', '.join(DEVICE_MAP_STRINGS)}")
     if device_map != "sequential":
-        max_memory = get_balanced_memory(model, max_memory, no_split_module_classes, dtype, low_zero=device_map == "balanced_low_0")
+        max_memory = get_balanced_memory(
+            model, max_memory, no_split_module_classes, dtype, low_zero=device_map == "balanced_low_0"
+        )
     return infer_auto_device_map(model, max_memory, no_split_module_classes, dtype, offload_buffers=offload_buffers)
 
 

@@ -9,11 +9,20 @@ import torch
 
 from ..errors import CheckpointError, UsageError
 from . import slab
-from .devicemap import block_module, check_device_map, covering_key, main_device as map_main_device, resolve_device_map, torch_device
+from .devicemap import (
+    block_module,
+    check_device_map,
+    covering_key,
+    resolve_device_map,
+    torch_device,
+)
+from .devicemap import (
+    main_device as map_main_device,
+)
 from .hooks import Block, Hook, Streamer
 from .loader import load_checkpoint_in_model
-from .targets import Target, model_tensors
 from .offload import INDEX_NAME, OffloadStore, OffloadWriter, stamp
+from .targets import Target, model_tensors
 
 
 def dispatch_model(
@@ -45,7 +54,11 @@ def dispatch_model(
     if len(devices) == 1 and "disk" not in devices and not force_hooks:
         model.to(next(iter(devices)))
         return model
-    main = torch.device(main_device if not isinstance(main_device, int) else f"cuda:{main_device}") if main_device is not None else map_main_device(device_map)
+    main = (
+        torch.device(main_device if not isinstance(main_device, int) else f"cuda:{main_device}")
+        if main_device is not None
+        else map_main_device(device_map)
+    )
     if skip_keys is None:
         skip_keys = getattr(model, "_skip_keys_device_placement", None) or ()
     skip_keys = [skip_keys] if isinstance(skip_keys, str) else list(skip_keys)
@@ -58,6 +71,7 @@ def dispatch_model(
 
     # Group every tensor into the block whose hook will manage it.
     groups: dict[str, tuple[object, list[Target]]] = {}
+
     def block_of(tensor_name: str) -> tuple[str, object]:
         key = covering_key(tensor_name, device_map)
         return block_module(key, tensor_name, modules), torch_device(device_map[key])
@@ -67,7 +81,9 @@ def dispatch_model(
         for (name, device), target in whole.split(block_of).items():
             previous = groups.get(name)
             if previous is not None and previous[0] != device:
-                raise UsageError(f"device_map puts tensors of module {name!r} on both {previous[0]} and {device}: give the module one device")
+                raise UsageError(
+                    f"device_map puts tensors of module {name!r} on both {previous[0]} and {device}: give the module one device"
+                )
             groups.setdefault(name, (device, []))[1].append(target)
     names = sorted(groups, key=list(modules).index)
     outer = {n for n in names if any(o != n and (not n or o.startswith(n + ".")) for o in names)}
@@ -121,7 +137,9 @@ def _value(t: Target, store, state_dict):
         for n in t.names:
             if n in store.tensors:
                 return store.load(n)
-    raise CheckpointError(name, "has no value (still on the meta device): load the checkpoint before dispatching", code="missing-keys")
+    raise CheckpointError(
+        name, "has no value (still on the meta device): load the checkpoint before dispatching", code="missing-keys"
+    )
 
 
 def _set(t: Target, value) -> None:
@@ -164,7 +182,11 @@ def _offload(block: Block, targets: list[Target], loaded, store, state_dict, off
         if missing:
             store = _write_disk(block, missing, store, state_dict, offload_dir)
         block.runs = store.runs({name: s.offset for name, s in block.slots.items()})
-        block.rest = [_rest(torch.empty(s.shape, dtype=s.dtype, device="meta"), p) for (_, _, p, name) in block.places for s in [block.slots[name]]]
+        block.rest = [
+            _rest(torch.empty(s.shape, dtype=s.dtype, device="meta"), p)
+            for (_, _, p, name) in block.places
+            for s in [block.slots[name]]
+        ]
     block.store = store
     block.install(block.rest)
 
@@ -188,11 +210,15 @@ def _write_disk(block: Block, targets: list[Target], store, state_dict, offload_
     from ..dtypes import from_torch_dtype
 
     if offload_dir is None:
-        raise UsageError(f"the device map puts {block.name or 'the model'!r} on disk: pass offload_dir (a folder for its weights)")
+        raise UsageError(
+            f"the device map puts {block.name or 'the model'!r} on disk: pass offload_dir (a folder for its weights)"
+        )
     os.makedirs(offload_dir, exist_ok=True)
     values = [(t, _value(t, None, state_dict).contiguous()) for t in targets]
     path = os.path.join(os.fspath(offload_dir), re.sub(r"[^A-Za-z0-9_.-]", "_", block.name or "model") + ".safetensors")
-    writer = OffloadWriter(path, [(t.names[0], from_torch_dtype(v.dtype), tuple(v.shape), v.numel() * v.element_size()) for t, v in values])
+    writer = OffloadWriter(
+        path, [(t.names[0], from_torch_dtype(v.dtype), tuple(v.shape), v.numel() * v.element_size()) for t, v in values]
+    )
     try:
         for t, v in values:
             if v.numel():
@@ -251,11 +277,26 @@ def load_checkpoint_and_dispatch(
     if no_split_module_classes is None:
         no_split_module_classes = getattr(model, "_no_split_modules", None)
     device_map = resolve_device_map(model, device_map, max_memory, no_split_module_classes, dtype, offload_buffers)
-    load_checkpoint_in_model(model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=dtype, offload_buffers=offload_buffers, strict=strict)
+    load_checkpoint_in_model(
+        model,
+        checkpoint,
+        device_map=device_map,
+        offload_folder=offload_folder,
+        dtype=dtype,
+        offload_buffers=offload_buffers,
+        strict=strict,
+    )
     if device_map is None:
         return model
-    return dispatch_model(model, device_map, offload_dir=offload_folder, offload_buffers=offload_buffers, skip_keys=skip_keys,
-                          preload_module_classes=preload_module_classes, force_hooks=force_hooks)
+    return dispatch_model(
+        model,
+        device_map,
+        offload_dir=offload_folder,
+        offload_buffers=offload_buffers,
+        skip_keys=skip_keys,
+        preload_module_classes=preload_module_classes,
+        force_hooks=force_hooks,
+    )
 
 
 def offload_blocks(model, no_split_module_classes=None) -> list[str]:
@@ -285,7 +326,9 @@ def cpu_offload(model, execution_device=None, offload_buffers: bool = False, sta
     """Keep every weight in pinned host memory and stream it block by block to ``execution_device`` (default: GPU 0)."""
     device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
     device_map = {k: "cpu" for k in offload_blocks(model)}
-    return dispatch_model(model, device_map, main_device=device, state_dict=state_dict, offload_buffers=offload_buffers, force_hooks=True)
+    return dispatch_model(
+        model, device_map, main_device=device, state_dict=state_dict, offload_buffers=offload_buffers, force_hooks=True
+    )
 
 
 def disk_offload(model, offload_dir, execution_device=None, offload_buffers: bool = False, preload_module_classes=None):
@@ -294,4 +337,6 @@ def disk_offload(model, offload_dir, execution_device=None, offload_buffers: boo
         raise UsageError("disk_offload needs an offload_dir")
     device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
     device_map = {k: "disk" for k in offload_blocks(model)}
-    return dispatch_model(model, device_map, main_device=device, offload_dir=offload_dir, offload_buffers=offload_buffers, force_hooks=True)
+    return dispatch_model(
+        model, device_map, main_device=device, offload_dir=offload_dir, offload_buffers=offload_buffers, force_hooks=True
+    )

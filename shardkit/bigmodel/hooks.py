@@ -73,7 +73,9 @@ class Streamer:
                 [_wrap(slab.view(s, block.slots[name]), is_param) for (_, _, is_param, name) in block.places] for s in self.slabs
             ]
         disk = [b for b in blocks if b.tier == "disk"]
-        self.readers = concurrent.futures.ThreadPoolExecutor(PARALLEL_THREADS, thread_name_prefix="shardkit-read") if disk else None
+        self.readers = (
+            concurrent.futures.ThreadPoolExecutor(PARALLEL_THREADS, thread_name_prefix="shardkit-read") if disk else None
+        )
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.ready = [torch.cuda.Event() for _ in range(self.RING)]
@@ -224,8 +226,15 @@ def first_device(args, kwargs):
 class Hook:
     """Wraps one module's forward: stage its block (if offloaded), move inputs, and at the root move outputs back."""
 
-    def __init__(self, module, device: torch.device | None, block: Block | None = None, streamer: Streamer | None = None,
-                 io_same_device: bool = False, skip_keys=()) -> None:
+    def __init__(
+        self,
+        module,
+        device: torch.device | None,
+        block: Block | None = None,
+        streamer: Streamer | None = None,
+        io_same_device: bool = False,
+        skip_keys=(),
+    ) -> None:
         self.module = module
         self.device = device
         self.block = block

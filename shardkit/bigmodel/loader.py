@@ -15,14 +15,14 @@ from typing import NamedTuple
 
 from ..dtypes import from_torch_dtype, torch_dtype
 from ..errors import CheckpointError, UsageError
+from ..materialize import load_tensor
 from ..reader import open_checkpoint
 from ..table import Checkpoint
-from ..tensors import load_tensor
 from . import slab
 from .devicemap import block_module, check_device_map, covering_key, device_for, main_device, torch_device
+from .measure import as_torch_dtype
 from .offload import OffloadStore, OffloadWriter, Stored, stamp
 from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, ReadAhead, read_direct
-from .sizes import as_torch_dtype
 from .targets import Target, model_tensors
 
 
@@ -91,7 +91,9 @@ def load_checkpoint_in_model(
         if entry is not None:
             if tuple(entry.shape) != tuple(target.old.shape):
                 raise CheckpointError(
-                    entry.file, f"tensor {entry.name!r} has shape {list(entry.shape)} but the model's {name!r} has {list(target.old.shape)}", code="shape-mismatch"
+                    entry.file,
+                    f"tensor {entry.name!r} has shape {list(entry.shape)} but the model's {name!r} has {list(target.old.shape)}",
+                    code="shape-mismatch",
                 )
             target.entry = entry
         elif target.persistent:
@@ -111,14 +113,19 @@ def load_checkpoint_in_model(
     if hopeless:
         raise CheckpointError(
             checkpoint.source,
-            f"holds no {', '.join(map(repr, hopeless[:5]))}{' and more' if len(hopeless) > 5 else ''}, and the model has no value for it (built on the meta device)",
+            f"holds no {', '.join(map(repr, hopeless[:5]))}{' and more' if len(hopeless) > 5 else ''}, and the "
+            "model has no value for it (built on the meta device)",
             code="missing-keys",
         )
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensor(s) the model has: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        problems.append(
+            f"missing {len(missing)} tensor(s) the model has: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) the model lacks: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        problems.append(
+            f"{len(unexpected)} tensor(s) the model lacks: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
     if problems:
         if strict:
             raise CheckpointError(checkpoint.source, "; ".join(problems), code="missing-keys" if missing else "unexpected-keys")
@@ -209,7 +216,9 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
         os.makedirs(offload_folder, exist_ok=True)
         for block, members in to_write.items():
             file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", block or "model") + ".safetensors"
-            specs = [(t.names[0], from_torch_dtype(t.dtype), tuple(t.old.shape), t.old.numel() * t.dtype.itemsize) for t in members]
+            specs = [
+                (t.names[0], from_torch_dtype(t.dtype), tuple(t.old.shape), t.old.numel() * t.dtype.itemsize) for t in members
+            ]
             writers[block] = OffloadWriter(os.path.join(os.fspath(offload_folder), file_name), specs)
 
     def sinks_for(t: Target, source_dtype):
@@ -234,7 +243,9 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
         if source_dtype == t.dtype:
             return lambda chunk, start: raw[start : start + chunk.numel()].copy_(chunk, non_blocking=True)
         size = source_dtype.itemsize
-        return lambda chunk, start: flat[start // size : (start + chunk.numel()) // size].copy_(chunk.view(source_dtype), non_blocking=True)
+        return lambda chunk, start: flat[start // size : (start + chunk.numel()) // size].copy_(
+            chunk.view(source_dtype), non_blocking=True
+        )
 
     jobs, job_sinks, direct = [], [], []
     scratch: dict = {}
@@ -250,7 +261,12 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
                 whole = slab.as_bytes(load_tensor(entry).contiguous())
                 for sink in sinks:
                     sink(whole, 0)
-            elif len(members) == 1 and members[0].device != "disk" and members[0].device.type == "cpu" and source == members[0].dtype:
+            elif (
+                len(members) == 1
+                and members[0].device != "disk"
+                and members[0].device.type == "cpu"
+                and source == members[0].dtype
+            ):
                 direct.append((entry, slab.as_bytes(members[0].dest)))  # straight into place, no staging copy
             else:
                 jobs.append((entry.file, entry.offset, entry.nbytes))

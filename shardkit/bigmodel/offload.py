@@ -58,7 +58,7 @@ class OffloadStore:
         self.verify()
 
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> "OffloadStore":
+    def open(cls, folder: str | os.PathLike) -> OffloadStore:
         """The store an earlier load wrote into ``folder``; raises CheckpointError if it is missing or stale."""
         folder = os.fspath(folder)
         path = os.path.join(folder, INDEX_NAME)
@@ -66,14 +66,17 @@ class OffloadStore:
             with open(path, "rb") as handle:
                 data = orjson.loads(handle.read())
         except FileNotFoundError:
-            raise CheckpointError(folder, f"holds no {INDEX_NAME}: load the checkpoint with this offload_folder first", code="offload-missing") from None
+            raise CheckpointError(
+                folder, f"holds no {INDEX_NAME}: load the checkpoint with this offload_folder first", code="offload-missing"
+            ) from None
         except orjson.JSONDecodeError as exc:
             raise CheckpointError(path, f"is not valid JSON ({exc})", code="offload-changed") from None
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
             raise CheckpointError(path, f"is not a {INDEX_FORMAT} index", code="offload-changed")
         resolve = lambda f: f if os.path.isabs(f) else os.path.join(folder, f)  # noqa: E731
         tensors = {
-            name: Stored(resolve(t["file"]), t["offset"], t["nbytes"], t["dtype"], tuple(t["shape"])) for name, t in data["tensors"].items()
+            name: Stored(resolve(t["file"]), t["offset"], t["nbytes"], t["dtype"], tuple(t["shape"]))
+            for name, t in data["tensors"].items()
         }
         stamps = {resolve(f): s for f, s in data["files"].items()}
         return cls(tensors, stamps, folder)
@@ -84,26 +87,40 @@ class OffloadStore:
             try:
                 actual = stamp(path)
             except FileNotFoundError:
-                raise CheckpointError(path, "offloaded weights file is gone; load the checkpoint again", code="offload-changed") from None
+                raise CheckpointError(
+                    path, "offloaded weights file is gone; load the checkpoint again", code="offload-changed"
+                ) from None
             if actual["size"] != expected["size"]:
                 raise CheckpointError(
                     path,
-                    f"offloaded weights file is {actual['size']} bytes, {expected['size']} when offloaded (changed or truncated since); load the checkpoint again",
+                    f"offloaded weights file is {actual['size']} bytes, {expected['size']} when offloaded "
+                    "(changed or truncated since); load the checkpoint again",
                     code="offload-changed",
                 )
             if actual["header_sha256"] != expected["header_sha256"]:
-                raise CheckpointError(path, "offloaded weights file's header changed since it was offloaded; load the checkpoint again", code="offload-changed")
+                raise CheckpointError(
+                    path,
+                    "offloaded weights file's header changed since it was offloaded; load the checkpoint again",
+                    code="offload-changed",
+                )
 
     def save(self) -> None:
         """Write the index into the folder atomically (paths inside the folder are stored relative)."""
         if self.folder is None:
             return
         os.makedirs(self.folder, exist_ok=True)
-        rel = lambda f: os.path.relpath(f, self.folder) if os.path.dirname(os.path.abspath(f)) == os.path.abspath(self.folder) else f  # noqa: E731
+        folder = os.path.abspath(self.folder)
+
+        def rel(f: str) -> str:
+            return os.path.relpath(f, folder) if os.path.dirname(os.path.abspath(f)) == folder else f
+
         data = {
             "format": INDEX_FORMAT,
             "files": {rel(f): s for f, s in self.stamps.items()},
-            "tensors": {n: {"file": rel(t.file), "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)} for n, t in self.tensors.items()},
+            "tensors": {
+                n: {"file": rel(t.file), "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)}
+                for n, t in self.tensors.items()
+            },
         }
         atomic_write(os.path.join(self.folder, INDEX_NAME), orjson.dumps(data, option=orjson.OPT_INDENT_2))
 
@@ -122,7 +139,11 @@ class OffloadStore:
         while done < size:
             count = os.preadv(fd, [dest[done:]], offset + done)
             if count <= 0:
-                raise CheckpointError(path, f"offloaded weights file ends {size - done} bytes early (truncated since offloaded?)", code="offload-changed")
+                raise CheckpointError(
+                    path,
+                    f"offloaded weights file ends {size - done} bytes early (truncated since offloaded?)",
+                    code="offload-changed",
+                )
             done += count
 
     def runs(self, placement: dict[str, int]) -> list[tuple[str, int, int, int]]:
@@ -196,7 +217,10 @@ class OffloadWriter:
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: cannot write offloaded weights ({exc.strerror})") from None
-        return {name: Stored(self.path, self.offsets[name], nbytes, dtype, shape) for name, (dtype, shape, nbytes) in self.specs.items()}
+        return {
+            name: Stored(self.path, self.offsets[name], nbytes, dtype, shape)
+            for name, (dtype, shape, nbytes) in self.specs.items()
+        }
 
     def abort(self) -> None:
         self.handle.close()

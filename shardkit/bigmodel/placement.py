@@ -1,6 +1,6 @@
 """Device-map planning over an abstract module tree: pure Python, no torch.
 
-The tree comes from a real ``nn.Module`` (:mod:`shardkit.bigmodel.sizes`) or from checkpoint tensor names alone
+The tree comes from a real ``nn.Module`` (:mod:`shardkit.bigmodel.measure`) or from checkpoint tensor names alone
 (``shardkit plan``). The greedy walk is accelerate's ``infer_auto_device_map``: fill devices in order (GPUs, then
 ``"cpu"``, then ``"disk"``), never go back, split a module that does not fit into its direct tensors and children
 unless its class is no-split, place tied parameters together. What it reserves differs (see :func:`plan`).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from ..sizes import parse_size
+from ..units import parse_size
 
 #: GPU staging slabs the dispatcher keeps for streaming offloaded blocks: one computing, one being filled.
 STAGING_SLOTS = 2
@@ -26,7 +26,7 @@ class Node:
 
     name: str
     cls: str | None
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
 
     @property
     def is_module(self) -> bool:
@@ -130,7 +130,9 @@ def greedy(
             with_ties += sizes.get(owner.name, 0) - sizes.get(param, 0)
         if limit is None or used[device] + with_ties <= limit:
             if verbose:
-                print(f"put {name} ({size} bytes{', with ' + str([t.name for t in tied_nodes]) if tied_nodes else ''}) on {device}")
+                print(
+                    f"put {name} ({size} bytes{', with ' + str([t.name for t in tied_nodes]) if tied_nodes else ''}) on {device}"
+                )
             used[device] += with_ties
             device_map[name] = device
             for owner in tied_nodes:
@@ -141,7 +143,7 @@ def greedy(
             split = next((t for t in tied_nodes if any(c.is_module for c in t.children) and t.cls not in no_split), None)
             if split is not None:
                 at = queue.index(split)
-                queue = [node] + queue[:at] + split.children + queue[at + 1:]
+                queue = [node] + queue[:at] + split.children + queue[at + 1 :]
                 biggest, biggest_names = max_layer_size(queue, sizes, no_split)
                 continue
         if used[device] + size >= limit:

@@ -40,8 +40,16 @@ class Chunk:
 class ReadAhead:
     """Iterate ``Chunk`` objects over ``jobs`` = ``[(path, offset, nbytes)]``; call :meth:`release` on each one."""
 
-    def __init__(self, jobs: list[tuple[str, int, int]], *, chunk: int = CHUNK, depth: int = DEPTH, threads: int = THREADS,
-                 pin: bool = False, align: int = 8) -> None:
+    def __init__(
+        self,
+        jobs: list[tuple[str, int, int]],
+        *,
+        chunk: int = CHUNK,
+        depth: int = DEPTH,
+        threads: int = THREADS,
+        pin: bool = False,
+        align: int = 8,
+    ) -> None:
         from .slab import allocate
 
         largest = max((n for _, _, n in jobs), default=0)
@@ -92,7 +100,11 @@ class ReadAhead:
                 while done < size:
                     count = os.preadv(fd, [view[done:]], offset + start + done)
                     if count <= 0:
-                        raise CheckpointError(path, f"file ends {size - done} bytes short of the tensor data its header declares (truncated?)", code="short-read")
+                        raise CheckpointError(
+                            path,
+                            f"file ends {size - done} bytes short of the tensor data its header declares (truncated?)",
+                            code="short-read",
+                        )
                     done += count
                 self._ready.put(Chunk(index, start, size, slot, self.buffers[slot][:size]))
         except BaseException as exc:  # hand it to the consumer
@@ -147,7 +159,9 @@ def read_direct(reads: list, piece: int = PARALLEL_PIECE, threads: int = PARALLE
         while done < len(view):
             count = os.preadv(fds[entry.file], [view[done:]], entry.offset + start + done)
             if count <= 0:
-                raise CheckpointError(entry.file, f"file ends before the end of tensor {entry.name!r} (truncated?)", code="short-read")
+                raise CheckpointError(
+                    entry.file, f"file ends before the end of tensor {entry.name!r} (truncated?)", code="short-read"
+                )
             done += count
 
     try:

@@ -29,7 +29,9 @@ class Target:
         for place, name in zip(self.places, self.place_names):
             part = parts.get(key(name))
             if part is None:
-                part = parts[key(name)] = Target([], [], self.old, self.persistent, self.entry, self.device, self.dtype, self.block, self.dest, [])
+                part = parts[key(name)] = Target(
+                    [], [], self.old, self.persistent, self.entry, self.device, self.dtype, self.block, self.dest, []
+                )
             if name not in part.names:
                 part.names.append(name)
             part.places.append(place)

@@ -18,9 +18,17 @@ from ..errors import ShardkitError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("shardkit.cli.inspect", "inspect_command", "Show what a checkpoint holds: tensors, dtypes, files, aliases."),
     "split": ("shardkit.cli.split", "split_command", "Reshard a checkpoint into Hub-style shards, copying byte ranges."),
-    "convert": ("shardkit.cli.convert", "convert_command", "Convert .bin checkpoints to safetensors (or back), keeping the layout."),
+    "convert": (
+        "shardkit.cli.convert",
+        "convert_command",
+        "Convert .bin checkpoints to safetensors (or back), keeping the layout.",
+    ),
     "validate": ("shardkit.cli.validate", "validate_command", "Check a checkpoint folder or Hub repo; report every problem."),
-    "plan": ("shardkit.cli.plan", "plan_command", "Plan a device map (GPUs, CPU, disk) for a checkpoint and show each device's bytes."),
+    "plan": (
+        "shardkit.cli.plan",
+        "plan_command",
+        "Plan a device map (GPUs, CPU, disk) for a checkpoint and show each device's bytes.",
+    ),
 }
 
 
@@ -52,7 +60,9 @@ class LazyGroup(click.Group):
         except ModuleNotFoundError as exc:
             if exc.name not in _OPTIONAL:
                 raise
-            click.echo(f"shardkit: error: this needs {exc.name}, which is not installed: pip install {_OPTIONAL[exc.name]}", err=True)
+            click.echo(
+                f"shardkit: error: this needs {exc.name}, which is not installed: pip install {_OPTIONAL[exc.name]}", err=True
+            )
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("shardkit: interrupted; nothing was left half-written", err=True)
@@ -77,7 +87,13 @@ def hub_options(command):
     options = [
         click.option("--revision", help="Hub repo: branch, tag or commit (default main). Local HF cache folder: the snapshot."),
         click.option("--subfolder", help="Hub repo (or folder): the subfolder holding the checkpoint."),
-        click.option("--repo-type", type=click.Choice(["model", "dataset", "space"]), default="model", show_default=True, help="Hub repo type."),
+        click.option(
+            "--repo-type",
+            type=click.Choice(["model", "dataset", "space"]),
+            default="model",
+            show_default=True,
+            help="Hub repo type.",
+        ),
         click.option("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)."),
     ]
     for option in reversed(options):

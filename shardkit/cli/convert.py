@@ -12,17 +12,44 @@ from .split import local_source, report, write_options
 @click.argument("dst")
 @click.option("--max-shard-size", default=None, help="Repack into shards of this size instead of keeping the layout.")
 @write_options
-def convert_command(src, dst, max_shard_size, fmt, dtype, variant, revision, subfolder, repo_type, token, overwrite, verify,
-                    dry_run, as_json, quiet) -> None:
+def convert_command(
+    src,
+    dst,
+    max_shard_size,
+    fmt,
+    dtype,
+    variant,
+    revision,
+    subfolder,
+    repo_type,
+    token,
+    overwrite,
+    verify,
+    dry_run,
+    as_json,
+    quiet,
+) -> None:
     """Convert the checkpoint at SRC (.bin, single or sharded) to safetensors in the folder DST.
 
     Each source file becomes one output file (pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors)
     and the new index lists the new files. Shared tensors keep one copy; the dropped names are recorded in the
     metadata the way huggingface_hub does. --format bin converts back. SRC may be a Hub repo id (org/name).
     """
-    from ..resharding import convert
+    from ..write import convert
 
-    src = local_source(src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token, quiet=quiet)
-    summary = convert(src, dst, max_shard_size=max_shard_size, format=fmt, dtype=dtype, overwrite=overwrite, verify=verify,
-                      dry_run=dry_run, progress=not quiet and not as_json, variant=variant)
+    src = local_source(
+        src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token, quiet=quiet
+    )
+    summary = convert(
+        src,
+        dst,
+        max_shard_size=max_shard_size,
+        format=fmt,
+        dtype=dtype,
+        overwrite=overwrite,
+        verify=verify,
+        dry_run=dry_run,
+        progress=not quiet and not as_json,
+        variant=variant,
+    )
     report(summary, as_json)

@@ -7,9 +7,9 @@ import os
 import click
 
 from ..hub.remote import looks_like_repo_id
+from ..inspect import summarize
 from ..reader import open_checkpoint
-from ..sizes import format_size
-from ..summary import summarize
+from ..units import format_size
 from . import emit_json, hub_options
 
 
@@ -19,8 +19,16 @@ from . import emit_json, hub_options
 @hub_options
 @click.option("--tensors", "list_tensors", is_flag=True, help="Also list every tensor with dtype, shape and file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect_command(path: str, variant: str | None, revision: str | None, subfolder: str | None, repo_type: str,
-                    token: str | None, list_tensors: bool, as_json: bool) -> None:
+def inspect_command(
+    path: str,
+    variant: str | None,
+    revision: str | None,
+    subfolder: str | None,
+    repo_type: str,
+    token: str | None,
+    list_tensors: bool,
+    as_json: bool,
+) -> None:
     """Show what the checkpoint at PATH holds, from its headers alone.
 
     PATH is a .safetensors/.bin/.pt file, an *.index.json file, a folder holding one, or a Hub repo id
@@ -29,7 +37,9 @@ def inspect_command(path: str, variant: str | None, revision: str | None, subfol
     if not os.path.exists(path) and looks_like_repo_id(path):
         from ..hub.remote import open_remote_checkpoint
 
-        checkpoint = open_remote_checkpoint(path, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
+        checkpoint = open_remote_checkpoint(
+            path, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
+        )
     else:
         checkpoint = open_checkpoint(path, variant=variant)
     summary = summarize(checkpoint)
@@ -45,7 +55,7 @@ def inspect_command(path: str, variant: str | None, revision: str | None, subfol
 
 
 def render(summary: dict) -> str:
-    """The human form of :func:`shardkit.summary.summarize`'s result: aligned, one fact per line."""
+    """The human form of :func:`shardkit.inspect.summarize`'s result: aligned, one fact per line."""
     lines = []
     largest = summary["largest"]
     rows = [
@@ -54,7 +64,10 @@ def render(summary: dict) -> str:
         ("tensors", f"{summary['tensors']:,}"),
         ("parameters", f"{summary['params']:,}"),
         ("size", f"{format_size(summary['bytes'])} ({summary['bytes']:,} bytes)"),
-        ("largest", f"{largest['name']}  {largest['dtype']} {largest['shape']}  {format_size(largest['bytes'])}" if largest else "-"),
+        (
+            "largest",
+            f"{largest['name']}  {largest['dtype']} {largest['shape']}  {format_size(largest['bytes'])}" if largest else "-",
+        ),
         ("aliases", str(len(summary["aliases"]))),
     ]
     width = max(len(k) for k, _ in rows)
@@ -69,7 +82,9 @@ def render(summary: dict) -> str:
     lines.append(f"files ({len(summary['files'])})")
     name_width = max((len(f["path"]) for f in summary["files"]), default=0)
     for info in summary["files"]:
-        lines.append(f"  {info['path']:<{name_width}}  {format_size(info['size']):>10}  {info['tensors']:>6,} tensors  {info['format']}")
+        lines.append(
+            f"  {info['path']:<{name_width}}  {format_size(info['size']):>10}  {info['tensors']:>6,} tensors  {info['format']}"
+        )
 
     if summary["aliases"]:
         lines.append("")

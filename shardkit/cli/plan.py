@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UsageError
-from ..sizes import format_size
+from ..units import format_size
 from . import emit_json
 
 
@@ -24,12 +24,16 @@ def parse_max_memory(text: str) -> dict:
 
 @click.command("plan")
 @click.argument("checkpoint")
-@click.option("--max-memory", "max_memory", required=True, help="Budget per device: 0=20GiB,1=20GiB,cpu=64GiB (disk takes the rest).")
+@click.option(
+    "--max-memory", "max_memory", required=True, help="Budget per device: 0=20GiB,1=20GiB,cpu=64GiB (disk takes the rest)."
+)
 @click.option("--dtype", help="Dtype the floating weights will be loaded in (bf16, fp16, fp32).")
 @click.option("--model-config", "model_config", help="A transformers config.json (or its folder): plan on the real module tree.")
 @click.option("--no-split", "no_split", multiple=True, help="Module class never to split across devices (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_command(checkpoint: str, max_memory: str, dtype: str | None, model_config: str | None, no_split: tuple[str, ...], as_json: bool) -> None:
+def plan_command(
+    checkpoint: str, max_memory: str, dtype: str | None, model_config: str | None, no_split: tuple[str, ...], as_json: bool
+) -> None:
     """Print the device map shardkit would use for CHECKPOINT within --max-memory, and each device's bytes.
 
     Without --model-config the plan comes from the checkpoint's headers alone (no torch import): tensors are
@@ -53,7 +57,12 @@ def plan_command(checkpoint: str, max_memory: str, dtype: str | None, model_conf
     per_device: dict[str, int] = {}
     for key, device in device_map.items():
         per_device[str(device)] = per_device.get(str(device), 0) + sizes.get(key, 0)
-    result = {"source": source, "device_map": {k: device_map[k] for k in device_map}, "bytes": per_device, "total_bytes": sizes.get("", 0)}
+    result = {
+        "source": source,
+        "device_map": {k: device_map[k] for k in device_map},
+        "bytes": per_device,
+        "total_bytes": sizes.get("", 0),
+    }
     if as_json:
         emit_json(result)
         return
@@ -68,7 +77,7 @@ def plan_command(checkpoint: str, max_memory: str, dtype: str | None, model_conf
 def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str]):
     from ..bigmodel.devicemap import infer_auto_device_map
     from ..bigmodel.empty import empty_model_from_config
-    from ..bigmodel.sizes import compute_module_sizes
+    from ..bigmodel.measure import compute_module_sizes
     from ..dtypes import torch_dtype
 
     model = empty_model_from_config(path)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..sizes import format_size
+from ..units import format_size
 from . import emit_json, hub_options
 
 
@@ -14,8 +14,12 @@ from . import emit_json, hub_options
 @click.argument("target")
 @hub_options
 @click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends.")
-@click.option("--deep", is_flag=True, help="Also read tensor data: NaN/Inf counts, all-zero tensors (downloads a Hub repo's checkpoint).")
-@click.option("--checksums", type=click.Path(dir_okay=False), help="Per-tensor SHA-256 manifest: compared if FILE exists, else written.")
+@click.option(
+    "--deep", is_flag=True, help="Also read tensor data: NaN/Inf counts, all-zero tensors (downloads a Hub repo's checkpoint)."
+)
+@click.option(
+    "--checksums", type=click.Path(dir_okay=False), help="Per-tensor SHA-256 manifest: compared if FILE exists, else written."
+)
 @click.option(
     "--model-config",
     is_flag=False,

@@ -35,7 +35,9 @@ def sniff(path: str, head: bytes) -> str:
     if head.startswith(LEGACY_MAGIC):
         return "torch-legacy"
     if len(head) > 262 and head[257:262] == b"ustar":
-        raise NotACheckpointError(path, "is a tar archive (torch's pre-1.4 format), which shardkit does not read", code="unsupported-format")
+        raise NotACheckpointError(
+            path, "is a tar archive (torch's pre-1.4 format), which shardkit does not read", code="unsupported-format"
+        )
     if path.endswith(TORCH_SUFFIXES):
         raise NotACheckpointError(path, "is neither a torch zip archive nor a legacy torch file", code="unknown-format")
     return "safetensors"

@@ -2,7 +2,7 @@
 
 Their storages can't be located without running torch's loader, so shardkit reads them through
 ``torch.load(weights_only=True)`` — safe, but it materializes every tensor in RAM. The loaded state dict is kept
-so that later materialization (:mod:`shardkit.tensors`) doesn't load the file twice.
+so that later materialization (:mod:`shardkit.materialize`) doesn't load the file twice.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ def load_legacy(path: str) -> dict:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(path, f"refused by torch's weights-only loader: {str(exc).splitlines()[0]}", code="unsafe-pickle") from None
+            raise CheckpointError(
+                path, f"refused by torch's weights-only loader: {str(exc).splitlines()[0]}", code="unsafe-pickle"
+            ) from None
         except Exception as exc:
-            raise CheckpointError(path, f"not a readable legacy torch file ({type(exc).__name__}: {exc})"[:300], code="legacy-corrupt") from None
+            raise CheckpointError(
+                path, f"not a readable legacy torch file ({type(exc).__name__}: {exc})"[:300], code="legacy-corrupt"
+            ) from None
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             for wrapper in ("state_dict", "model", "model_state_dict", "module", "net"):
                 if isinstance(obj.get(wrapper), dict):
@@ -56,7 +60,9 @@ def read_legacy(path: str) -> tuple[FileInfo, list[TensorEntry]]:
         try:
             dtype = from_torch_dtype(tensor.dtype)
         except ShardkitError:
-            raise CheckpointError(path, f"tensor {name!r} has dtype {tensor.dtype}, which shardkit does not support", code="unsupported-tensor") from None
+            raise CheckpointError(
+                path, f"tensor {name!r} has dtype {tensor.dtype}, which shardkit does not support", code="unsupported-tensor"
+            ) from None
         first = first_name_of[_identity(tensor)]
         entries.append(
             TensorEntry(

@@ -29,11 +29,15 @@ def parse_header_length(path: str, prefix: bytes, file_size: int) -> int:
     (length,) = struct.unpack("<Q", prefix[:8])
     if length > MAX_HEADER_SIZE:
         raise CheckpointError(
-            path, f"header length {length} exceeds the 100 MB limit (corrupt or not a safetensors file)", code="sf-header-too-large"
+            path,
+            f"header length {length} exceeds the 100 MB limit (corrupt or not a safetensors file)",
+            code="sf-header-too-large",
         )
     if 8 + length > file_size:
         raise CheckpointError(
-            path, f"header of {length} bytes runs past the end of the {file_size}-byte file (truncated?)", code="sf-header-past-eof"
+            path,
+            f"header of {length} bytes runs past the end of the {file_size}-byte file (truncated?)",
+            code="sf-header-past-eof",
         )
     return length
 
@@ -50,7 +54,9 @@ def parse_header(
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return _broken(problems, CheckpointError(path, f"header is not valid UTF-8 (byte {exc.start})", code="sf-header-not-utf8"))
+        return _broken(
+            problems, CheckpointError(path, f"header is not valid UTF-8 (byte {exc.start})", code="sf-header-not-utf8")
+        )
     try:
         header = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -76,14 +82,23 @@ def parse_header(
         spans.append((begin, end, name))
         expected = nbytes_of(dtype, shape)
         if expected is None:
-            _broken(problems, CheckpointError(path, f"tensor {name!r}: {dtype} {list(shape)} does not fill whole bytes", code="sf-size-mismatch"))
+            _broken(
+                problems,
+                CheckpointError(
+                    path, f"tensor {name!r}: {dtype} {list(shape)} does not fill whole bytes", code="sf-size-mismatch"
+                ),
+            )
             continue
         if end - begin != expected:
-            _broken(problems, CheckpointError(
-                path,
-                f"tensor {name!r}: byte range [{begin}, {end}) holds {end - begin} bytes but {dtype} {list(shape)} needs {expected}",
-                code="sf-size-mismatch",
-            ))
+            _broken(
+                problems,
+                CheckpointError(
+                    path,
+                    f"tensor {name!r}: byte range [{begin}, {end}) holds {end - begin} bytes but {dtype} "
+                    f"{list(shape)} needs {expected}",
+                    code="sf-size-mismatch",
+                ),
+            )
             continue
         parsed.append((begin, end, name, dtype, shape))
 
@@ -93,9 +108,12 @@ def parse_header(
     for begin, end, name in spans:
         if begin != position:
             what = "leaves a gap before it" if begin > position else "overlaps the previous tensor"
-            _broken(problems, CheckpointError(
-                path, f"tensor {name!r} starts at data offset {begin}, expected {position}: it {what}", code="sf-offsets"
-            ))
+            _broken(
+                problems,
+                CheckpointError(
+                    path, f"tensor {name!r} starts at data offset {begin}, expected {position}: it {what}", code="sf-offsets"
+                ),
+            )
         position = end
     data_size = file_size - data_start
     if position != data_size:
@@ -150,7 +168,9 @@ def _entry_fields(path: str, name: str, info: object) -> tuple[str, tuple[int, .
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(path, f"tensor {name!r}: unknown dtype {dtype!r}", code="sf-unknown-dtype")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise CheckpointError(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", code="sf-bad-entry")
+        raise CheckpointError(
+            path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", code="sf-bad-entry"
+        )
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise CheckpointError(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]", code="sf-bad-entry")
     begin, end = offsets

@@ -166,7 +166,7 @@ class ZipWriter:
         self.entries: list[_Entry] = []
 
     def begin(self, name: str, size: int) -> int:
-        entry = _Entry(f"{self.prefix}/{name}".encode("utf-8"), self.position, size)
+        entry = _Entry(f"{self.prefix}/{name}".encode(), self.position, size)
         zip64 = size >= _ZIP64_LIMIT
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         start = self.position + 30 + len(entry.name) + len(extra) + 4
@@ -174,7 +174,18 @@ class ZipWriter:
         extra += struct.pack("<HH", _PAD_ID, pad) + b"Z" * pad
         entry_size = _ZIP64_LIMIT if zip64 else size
         header = struct.pack(
-            "<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0x800, 0, 0, 0x21, 0, entry_size, entry_size, len(entry.name), len(extra)
+            "<IHHHHHIIIHH",
+            0x04034B50,
+            45 if zip64 else 20,
+            0x800,
+            0,
+            0,
+            0x21,
+            0,
+            entry_size,
+            entry_size,
+            len(entry.name),
+            len(extra),
         )
         data_offset = self.position + len(header) + len(entry.name) + len(extra)
         _pwrite(self.fd, header + entry.name + extra, self.position)
@@ -205,8 +216,23 @@ class ZipWriter:
             extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
             directory += struct.pack(
                 "<IHHHHHHIIIHHHHHII",
-                0x02014B50, 45 if fields else 20, 45 if fields else 20, 0x800, 0, 0, 0x21,
-                entry.crc, size, size, len(entry.name), len(extra), 0, 0, 0, 0, offset,
+                0x02014B50,
+                45 if fields else 20,
+                45 if fields else 20,
+                0x800,
+                0,
+                0,
+                0x21,
+                entry.crc,
+                size,
+                size,
+                len(entry.name),
+                len(extra),
+                0,
+                0,
+                0,
+                0,
+                offset,
             )
             directory += entry.name + extra
         start, count = self.position, len(self.entries)
@@ -214,8 +240,15 @@ class ZipWriter:
         records = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory), start)
         records += struct.pack("<IIQI", 0x07064B50, 0, end64, 1)
         records += struct.pack(
-            "<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
-            min(len(directory), _ZIP64_LIMIT), min(start, _ZIP64_LIMIT), 0,
+            "<IHHHHIIH",
+            0x06054B50,
+            0,
+            0,
+            min(count, 0xFFFF),
+            min(count, 0xFFFF),
+            min(len(directory), _ZIP64_LIMIT),
+            min(start, _ZIP64_LIMIT),
+            0,
         )
         _pwrite(self.fd, bytes(directory) + records, start)
         self.position = end64 + len(records)

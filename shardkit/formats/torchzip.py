@@ -45,18 +45,24 @@ def zip_records(path: str, handle: BinaryIO, size: int | None = None) -> dict[st
     try:
         archive = zipfile.ZipFile(handle)
         infos = archive.infolist()
-    except Exception as exc:  # zipfile raises many types on a malformed directory (BadZipFile, NotImplementedError, struct.error…)
+    except (
+        Exception
+    ) as exc:  # zipfile raises many types on a malformed directory (BadZipFile, NotImplementedError, struct.error…)
         raise CheckpointError(path, f"not a readable zip archive ({exc}); truncated download?", code="zip-corrupt") from None
     records = {}
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(
-                path, f"zip member {info.filename!r} is compressed; torch checkpoints store records uncompressed", code="zip-compressed"
+                path,
+                f"zip member {info.filename!r} is compressed; torch checkpoints store records uncompressed",
+                code="zip-compressed",
             )
         handle.seek(info.header_offset)
         local = handle.read(30)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise CheckpointError(path, f"zip member {info.filename!r} has no local header at offset {info.header_offset}", code="zip-corrupt")
+            raise CheckpointError(
+                path, f"zip member {info.filename!r} has no local header at offset {info.header_offset}", code="zip-corrupt"
+            )
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         offset = info.header_offset + 30 + name_len + extra_len
         if offset + info.file_size > file_size:
@@ -82,10 +88,14 @@ def read_torch_zip(path: str, handle: BinaryIO | None = None, size: int | None =
         prefix = _archive_prefix(path, records)
         byteorder = records.get(f"{prefix}byteorder")
         if byteorder is not None and _read(handle, byteorder) != b"little":
-            raise CheckpointError(path, "checkpoint was saved big-endian; shardkit reads little-endian files only", code="big-endian")
+            raise CheckpointError(
+                path, "checkpoint was saved big-endian; shardkit reads little-endian files only", code="big-endian"
+            )
         pkl = records[f"{prefix}data.pkl"]
         if pkl.size > MAX_PICKLE_SIZE:
-            raise CheckpointError(path, f"data.pkl is {pkl.size} bytes, over the {MAX_PICKLE_SIZE}-byte limit", code="pickle-too-large")
+            raise CheckpointError(
+                path, f"data.pkl is {pkl.size} bytes, over the {MAX_PICKLE_SIZE}-byte limit", code="pickle-too-large"
+            )
         obj = RestrictedUnpickler(path, _read(handle, pkl), records, prefix).load()
     finally:
         if own:
@@ -192,7 +202,9 @@ def _check_view(path: str, name: str, ref: TensorRef) -> None:
     if not valid:
         raise CheckpointError(path, f"tensor {name!r} has a malformed shape or stride", code="pickle-invalid")
     if nbytes_of(ref.dtype, shape) is None:
-        raise CheckpointError(path, f"tensor {name!r}: {ref.dtype} {list(shape)} does not fill whole bytes", code="pickle-invalid")
+        raise CheckpointError(
+            path, f"tensor {name!r}: {ref.dtype} {list(shape)} does not fill whole bytes", code="pickle-invalid"
+        )
     if math.prod(shape) == 0:
         return
     last = ref.storage_offset + sum((d - 1) * s for d, s in zip(shape, stride))

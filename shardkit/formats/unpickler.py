@@ -19,6 +19,7 @@ from ..table import Storage
 if TYPE_CHECKING:
     from .torchzip import Record
 
+
 class _Sealed:
     """Base of the objects a pickle can receive: BUILD (``__setstate__``) cannot rewrite them."""
 
@@ -174,7 +175,9 @@ class RestrictedUnpickler(pickle._Unpickler):
         if type(target) in (OrderedDict, dict) and isinstance(state, dict):
             return  # a state dict's _metadata: shardkit has no use for it
         raise UnsafePickleError(
-            self._path, f"pickle uses BUILD to set the state of a {type(target).__name__}, which a state dict never needs; nothing was executed"
+            self._path,
+            f"pickle uses BUILD to set the state of a {type(target).__name__}, which a state dict never needs; "
+            "nothing was executed",
         )
 
     dispatch[pickle.BUILD[0]] = _load_build
@@ -192,7 +195,9 @@ class RestrictedUnpickler(pickle._Unpickler):
         except KeyError:
             pass
         if module == "torch._utils" and name in _UNSUPPORTED:
-            raise CheckpointError(self._path, f"holds {_UNSUPPORTED[name]}, which shardkit does not support", code="unsupported-tensor")
+            raise CheckpointError(
+                self._path, f"holds {_UNSUPPORTED[name]}, which shardkit does not support", code="unsupported-tensor"
+            )
         raise UnsafePickleError(
             self._path,
             f"pickle references {module}.{name}, which is not on the weights-only allow-list; nothing was executed",
@@ -213,7 +218,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         if record.size != expected:
             raise CheckpointError(
                 self._path,
-                f"storage {key!r} claims {numel} {storage_type.dtype} elements ({expected} bytes) but its record holds {record.size}",
+                f"storage {key!r} claims {numel} {storage_type.dtype} elements ({expected} bytes) "
+                f"but its record holds {record.size}",
                 code="storage-size-mismatch",
             )
         storage = Storage(key=key, file=self._path, offset=record.offset, nbytes=record.size, dtype=storage_type.dtype)
@@ -228,7 +234,9 @@ class RestrictedUnpickler(pickle._Unpickler):
         except RecursionError:
             raise CheckpointError(self._path, "data.pkl nests too deeply", code="pickle-invalid") from None
         except Exception as exc:  # any malformed pickle: opcodes, memo, types passed to stand-ins
-            raise CheckpointError(self._path, f"data.pkl is not a valid torch pickle ({type(exc).__name__}: {exc})"[:300], code="pickle-invalid") from None
+            raise CheckpointError(
+                self._path, f"data.pkl is not a valid torch pickle ({type(exc).__name__}: {exc})"[:300], code="pickle-invalid"
+            ) from None
 
 
 def is_count(value: object) -> bool:

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 
-
 def download_checkpoint(
     repo_id: str,
     *,
@@ -55,8 +54,9 @@ def fetch_files(repo, names: list[str]) -> tuple[Path, int]:
         filename = f"{repo.subfolder}/{name}" if repo.subfolder else name
         cached = try_to_load_from_cache(repo.repo_id, filename, revision=repo.commit, repo_type=repo.repo_type)
         try:
-            path = hf_hub_download(repo.repo_id, filename, revision=repo.commit, repo_type=repo.repo_type,
-                                   token=repo.token, endpoint=repo.endpoint)
+            path = hf_hub_download(
+                repo.repo_id, filename, revision=repo.commit, repo_type=repo.repo_type, token=repo.token, endpoint=repo.endpoint
+            )
         except Exception as exc:
             if not is_hub_failure(exc):
                 raise

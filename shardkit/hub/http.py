@@ -29,7 +29,11 @@ def hub_endpoint() -> str:
 def network_errors() -> tuple[type[BaseException], ...]:
     """The transport-level exception classes of whichever HTTP library huggingface_hub uses."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)), ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         try:
             imported = __import__(module)
         except ImportError:
@@ -105,9 +109,14 @@ def _raise_for_status(status: int, headers, where: str, name: str) -> None:
     if status == 404 and error_code in ("EntryNotFound", ""):
         raise CheckpointError(name, "is listed but the server has no such file (404)", code="missing-file")
     if error_code == "GatedRepo":
-        raise HubError(f"{where}: the repo is gated: accept its terms on the Hub, then pass a token (--token or HF_TOKEN)", code="repo-gated")
+        raise HubError(
+            f"{where}: the repo is gated: accept its terms on the Hub, then pass a token (--token or HF_TOKEN)", code="repo-gated"
+        )
     if status in (401, 403):
-        raise HubError(f"{where}: access denied ({status}): the repo is private or gated; pass a token with access (--token or HF_TOKEN)", code="repo-access-denied")
+        raise HubError(
+            f"{where}: access denied ({status}): the repo is private or gated; pass a token with access (--token or HF_TOKEN)",
+            code="repo-access-denied",
+        )
     if error_code == "RepoNotFound" or status == 404:
         raise HubError(f"{where}: repository not found (404)", code="repo-not-found")
     if status == 416:
@@ -130,18 +139,26 @@ def translate(exc: BaseException, *, what: str, repo: str | None = None) -> HubE
     name = repo or what
     endpoint = hub_endpoint()
     if isinstance(exc, getattr(hf_errors, "GatedRepoError", ())):
-        return HubError(f"{name}: the repo is gated: accept its terms on the Hub, then pass a token (--token or HF_TOKEN)", code="repo-gated")
+        return HubError(
+            f"{name}: the repo is gated: accept its terms on the Hub, then pass a token (--token or HF_TOKEN)", code="repo-gated"
+        )
     if isinstance(exc, getattr(hf_errors, "RevisionNotFoundError", ())):
         return HubError(f"{name}: no such revision on {endpoint}", code="revision-not-found")
     if isinstance(exc, (getattr(hf_errors, "RemoteEntryNotFoundError", ()), getattr(hf_errors, "EntryNotFoundError", ()))):
         return HubError(f"{name}: no such file or folder in the repo", code="missing-file")
     if isinstance(exc, getattr(hf_errors, "RepositoryNotFoundError", ())):
-        return HubError(f"{name}: repository not found on {endpoint} (if it is private or gated, pass a token: --token or HF_TOKEN)", code="repo-not-found")
+        return HubError(
+            f"{name}: repository not found on {endpoint} (if it is private or gated, pass a token: --token or HF_TOKEN)",
+            code="repo-not-found",
+        )
     if isinstance(exc, getattr(hf_errors, "OfflineModeIsEnabled", ())):
         return HubError(f"{name}: cannot reach {endpoint}: HF_HUB_OFFLINE is set", code="hub-offline")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status in (401, 403):
-        return HubError(f"{name}: access denied ({status}) by {endpoint}: pass a token with access (--token or HF_TOKEN)", code="repo-access-denied")
+        return HubError(
+            f"{name}: access denied ({status}) by {endpoint}: pass a token with access (--token or HF_TOKEN)",
+            code="repo-access-denied",
+        )
     cause = exc.__cause__ or exc.__context__  # hf_hub_download wraps a connection error in LocalEntryNotFoundError
     if not isinstance(exc, network_errors()) and isinstance(cause, network_errors()):
         exc = cause

@@ -45,8 +45,15 @@ class HubRepo:
     :class:`~shardkit.errors.HubError` with one line for a missing repo or revision, no access, or no network.
     """
 
-    def __init__(self, repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
-                 repo_type: str = "model", token: str | bool | None = None) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        repo_type: str = "model",
+        token: str | bool | None = None,
+    ) -> None:
         from huggingface_hub import HfApi
         from huggingface_hub.utils import build_hf_headers
 
@@ -82,8 +89,9 @@ class HubRepo:
         """``{file name relative to the subfolder: size}`` of the folder's files (LFS files: the real size)."""
         if self._listing is None:
             try:
-                tree = self.api.list_repo_tree(self.repo_id, path_in_repo=self.subfolder or None, revision=self.commit,
-                                               repo_type=self.repo_type)
+                tree = self.api.list_repo_tree(
+                    self.repo_id, path_in_repo=self.subfolder or None, revision=self.commit, repo_type=self.repo_type
+                )
                 items = list(tree)
             except Exception as exc:
                 if not is_hub_failure(exc):
@@ -91,9 +99,11 @@ class HubRepo:
                 raise translate(exc, what=self.label, repo=self.label) from None
             prefix = self.subfolder + "/" if self.subfolder else ""
             self._listing = {
-                item.path[len(prefix):]: item.size
+                item.path[len(prefix) :]: item.size
                 for item in items
-                if getattr(item, "size", None) is not None and item.path.startswith(prefix) and "/" not in item.path[len(prefix):]
+                if getattr(item, "size", None) is not None
+                and item.path.startswith(prefix)
+                and "/" not in item.path[len(prefix) :]
             }
         return self._listing
 
@@ -128,6 +138,7 @@ class HubRepo:
 
         Round trips dominate on repos of many shards, so they overlap; outcomes are kept per file, errors included.
         """
+
         def attempt(name):
             try:
                 return self._read_header(name), None
@@ -159,7 +170,11 @@ class HubRepo:
             if len(raw) < length:
                 raw += self.fetcher.read_range(url, len(head), 8 + length - len(head), name=name)
             if len(raw) < length:
-                raise CheckpointError(name, f"the server sent {8 + len(raw)} bytes of a {8 + length}-byte header (truncated?)", code="sf-header-past-eof")
+                raise CheckpointError(
+                    name,
+                    f"the server sent {8 + len(raw)} bytes of a {8 + length}-byte header (truncated?)",
+                    code="sf-header-past-eof",
+                )
             try:
                 return parse_header(name, raw, size)
             except CheckpointError:
@@ -167,7 +182,11 @@ class HubRepo:
                 raise
         if fmt == "torch-zip":
             return read_torch_zip(name, RangeFile(self.fetcher, url, size, name=name, head=head), size)
-        raise CheckpointError(name, "is a legacy torch file, whose tensors can only be located by loading it: validate a downloaded copy", code="not-checked")
+        raise CheckpointError(
+            name,
+            "is a legacy torch file, whose tensors can only be located by loading it: validate a downloaded copy",
+            code="not-checked",
+        )
 
     def header_problems(self, name: str) -> list[CheckpointError]:
         """Every header rule the safetensors file ``name`` breaks, from the header its failed read kept."""
@@ -282,8 +301,15 @@ class RangeFile(io.RawIOBase):
         return self._blocks[index]
 
 
-def open_remote_checkpoint(repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
-                           variant: str | None = None, repo_type: str = "model", token: str | bool | None = None) -> Checkpoint:
+def open_remote_checkpoint(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    repo_type: str = "model",
+    token: str | bool | None = None,
+) -> Checkpoint:
     """The table of a Hub repo's checkpoint from headers alone (what ``inspect org/name`` shows).
 
     Raises like :func:`shardkit.open_checkpoint` on the first problem; use :func:`shardkit.validate` to list all.

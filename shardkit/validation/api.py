@@ -102,7 +102,9 @@ def _select(source, label: str, variant: str | None) -> str:
     try:
         selected = pick_checkpoint(list(source.listing()), variant)
     except ValueError as exc:
-        raise CheckpointError(label, f"holds several checkpoints ({exc}); pass the file or index to validate", code="ambiguous") from None
+        raise CheckpointError(
+            label, f"holds several checkpoints ({exc}); pass the file or index to validate", code="ambiguous"
+        ) from None
     if selected is None:
         what = f" for variant {variant!r}" if variant else ""
         raise CheckpointError(label, f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")

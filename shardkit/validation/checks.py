@@ -20,7 +20,9 @@ from .report import Report
 MAX_LISTED = 20
 
 
-def check_checkpoint(source, selected: str, report: Report, *, whole_folder: bool = True, variant: str | None = None) -> Checkpoint | None:
+def check_checkpoint(
+    source, selected: str, report: Report, *, whole_folder: bool = True, variant: str | None = None
+) -> Checkpoint | None:
     """Check the checkpoint ``selected`` (an index or a file name) of ``source``; record findings in ``report``.
 
     ``whole_folder`` adds the checks that look at the folder's other files (stale shards, mixed formats).
@@ -77,7 +79,11 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
             continue
         if source.size(name) is None:
             count = sum(1 for v in weight_map.values() if v == file_name)
-            report.add("missing-shard", f"the index maps {count} tensor{'s' if count != 1 else ''} to this file, which is missing: download it again.", file=file_name)
+            report.add(
+                "missing-shard",
+                f"the index maps {count} tensor{'s' if count != 1 else ''} to this file, which is missing: download it again.",
+                file=file_name,
+            )
             continue
         present[file_name] = name
     if hasattr(source, "prefetch"):  # a remote source overlaps its round trips
@@ -131,10 +137,16 @@ def _check_total_size(index_name: str, metadata: dict, actual: int | None, repor
     """``metadata.total_size`` against the tensors' bytes (``actual``, None when not every file could be read)."""
     total = metadata.get("total_size")
     if total is None or isinstance(total, bool) or not isinstance(total, (int, float)):
-        report.add("total-size-missing", "metadata.total_size is missing or not a number; some tools use it to plan memory.", file=index_name)
+        report.add(
+            "total-size-missing",
+            "metadata.total_size is missing or not a number; some tools use it to plan memory.",
+            file=index_name,
+        )
     elif isinstance(total, float):
         what = f" (the tensors hold {actual} bytes)" if actual is not None else ""
-        report.add("total-size-float", f"metadata.total_size is the float {total}{what}; write the integer byte count.", file=index_name)
+        report.add(
+            "total-size-float", f"metadata.total_size is the float {total}{what}; write the integer byte count.", file=index_name
+        )
     elif actual is not None and total != actual:
         report.add(
             "total-size-mismatch",
@@ -153,8 +165,13 @@ def _assemble(source, index: IndexInfo, opened: dict, report: Report) -> Checkpo
             holders.setdefault(entry.name, []).append(file_name)
             checkpoint.entries.setdefault(entry.name, entry)
         duplicates = [e.name for e in entries if holders[e.name][0] != file_name]
-        _add_many(report, "duplicate-tensor", file_name, duplicates,
-                  lambda t: f"also stored in {holders[t][0]}; loaders keep whichever they read last: delete one copy.")
+        _add_many(
+            report,
+            "duplicate-tensor",
+            file_name,
+            duplicates,
+            lambda t: f"also stored in {holders[t][0]}; loaders keep whichever they read last: delete one copy.",
+        )
     formats = {info.format for info in checkpoint.files}
     checkpoint.format = formats.pop() if len(formats) == 1 else ("mixed" if formats else "")
 
@@ -170,13 +187,29 @@ def _assemble(source, index: IndexInfo, opened: dict, report: Report) -> Checkpo
         if file_name in opened and not declared_alias and file_name not in holders.get(name, ()):
             missing.setdefault(file_name, []).append(name)
     for file_name, names in sorted(missing.items()):
-        _add_many(report, "index-key-missing", file_name, names,
-                  lambda t: "the index maps this tensor to the file, but its header does not hold it"
-                  + (f" (it is in {holders[t][0]}: fix the index)" if t in holders else ": the weight is lost") + ".")
-    for file_name, (info, entries) in opened.items():
+        _add_many(
+            report,
+            "index-key-missing",
+            file_name,
+            names,
+            lambda t: (
+                "the index maps this tensor to the file, but its header does not hold it"
+                + (f" (it is in {holders[t][0]}: fix the index)" if t in holders else ": the weight is lost")
+                + "."
+            ),
+        )
+    for file_name, (_info, entries) in opened.items():
         unlisted = [e.name for e in entries if e.name not in index.weight_map]
-        _add_many(report, "index-key-unlisted", file_name, unlisted,
-                  lambda t: "the file holds this tensor but the index does not list it, so index-driven loaders skip it: add it to weight_map.")
+        _add_many(
+            report,
+            "index-key-unlisted",
+            file_name,
+            unlisted,
+            lambda t: (
+                "the file holds this tensor but the index does not list it, so index-driven loaders skip it: "
+                "add it to weight_map."
+            ),
+        )
     return checkpoint
 
 

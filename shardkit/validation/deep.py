@@ -3,7 +3,7 @@
 Contiguous tensors are streamed in chunks of :data:`CHUNK` bytes (so memory stays bounded whatever a tensor's
 size) through SHA-256 and, for floating-point dtypes, NaN/Inf/zero counts done by torch on each chunk. Views
 into larger storages and legacy torch files are materialized one tensor at a time with
-:func:`shardkit.tensors.load_tensor`. Checksums are per tensor over its C-order little-endian bytes, so a manifest
+:func:`shardkit.materialize.load_tensor`. Checksums are per tensor over its C-order little-endian bytes, so a manifest
 written before ``split`` or ``convert`` can be compared with the result; shared tensors (aliases) are listed once.
 """
 
@@ -54,7 +54,9 @@ def check_data(
                 try:
                     stats = _scan(torch, entry, handle)
                 except CheckpointError as exc:
-                    report.add(exc.code if exc.code == "short-read" else "deep-skipped", f"{exc.problem}.", file=shown, tensor=entry.name)
+                    report.add(
+                        exc.code if exc.code == "short-read" else "deep-skipped", f"{exc.problem}.", file=shown, tensor=entry.name
+                    )
                     continue
                 except ShardkitError as exc:  # a dtype this torch build cannot hold
                     report.add("deep-skipped", f"{exc}.", file=shown, tensor=entry.name)
@@ -77,13 +79,17 @@ def _scan(torch, entry: TensorEntry, handle) -> dict:
         while remaining:
             chunk = handle.read(min(step, remaining))
             if not chunk or len(chunk) % itemsize(entry.dtype):  # the file shrank since its header was read
-                raise CheckpointError(entry.file, f"file ends {remaining} bytes before the end of tensor {entry.name!r} (truncated?)", code="short-read")
+                raise CheckpointError(
+                    entry.file,
+                    f"file ends {remaining} bytes before the end of tensor {entry.name!r} (truncated?)",
+                    code="short-read",
+                )
             remaining -= len(chunk)
             digest.update(chunk)
             if stats["counted"]:
                 _count(torch, torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(torch_dtype(entry.dtype)), stats)
     else:
-        from ..tensors import load_tensor
+        from ..materialize import load_tensor
 
         tensor = load_tensor(entry).contiguous()
         if tensor.numel():
@@ -106,11 +112,18 @@ def _report_stats(report: Report, file: str, entry: TensorEntry, stats: dict) ->
     if not stats["counted"] or entry.numel == 0:
         return
     if stats["nan"]:
-        report.add("nan-values", f"{stats['nan']} of {entry.numel} values are NaN: the weights are corrupt or training diverged.", file=file, tensor=entry.name)
+        report.add(
+            "nan-values",
+            f"{stats['nan']} of {entry.numel} values are NaN: the weights are corrupt or training diverged.",
+            file=file,
+            tensor=entry.name,
+        )
     if stats["inf"]:
         report.add("inf-values", f"{stats['inf']} of {entry.numel} values are infinite.", file=file, tensor=entry.name)
     if not stats["nonzero"]:
-        report.add("all-zero", f"all {entry.numel} values are zero: check that this weight was saved.", file=file, tensor=entry.name)
+        report.add(
+            "all-zero", f"all {entry.numel} values are zero: check that this weight was saved.", file=file, tensor=entry.name
+        )
 
 
 def _manifest(report: Report, path: str, digests: dict[str, dict]) -> None:
@@ -140,7 +153,9 @@ def _manifest(report: Report, path: str, digests: dict[str, dict]) -> None:
         return
     for name, sha in expected.items():
         if name not in digests:
-            report.add("checksum-missing", "listed in the manifest but not in the checkpoint (or not readable).", file=path, tensor=name)
+            report.add(
+                "checksum-missing", "listed in the manifest but not in the checkpoint (or not readable).", file=path, tensor=name
+            )
         elif digests[name]["sha256"] != sha:
             report.add("checksum-mismatch", "the tensor's bytes differ from the manifest's SHA-256.", file=path, tensor=name)
     for name in digests:

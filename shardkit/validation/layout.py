@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..dtypes import itemsize
 from ..naming import INDEX_RE, index_file_name, parse_shard_name, single_file_name
-from ..sizes import format_size
 from ..table import FileInfo, TensorEntry
+from ..units import format_size
 from .report import Report
 
 #: The Hub refuses files over 50 GB and recommends staying under 20 GB (bigger files lose CDN caching).
@@ -16,9 +16,15 @@ HUB_FILE_RECOMMENDED = 20 * 10**9
 def check_file(name: str, info: FileInfo, entries: list[TensorEntry], report: Report) -> None:
     """Size against the Hub's limits and tensor offsets against their element size."""
     if info.size > HUB_FILE_LIMIT:
-        report.add("file-too-large", f"{format_size(info.size)} is over the Hub's 50 GB per-file limit: reshard with a smaller shard size.", file=name)
+        report.add(
+            "file-too-large",
+            f"{format_size(info.size)} is over the Hub's 50 GB per-file limit: reshard with a smaller shard size.",
+            file=name,
+        )
     elif info.size > HUB_FILE_RECOMMENDED:
-        report.add("file-large", f"{format_size(info.size)} is over the Hub's 20 GB recommendation: consider resharding.", file=name)
+        report.add(
+            "file-large", f"{format_size(info.size)} is over the Hub's 20 GB recommendation: consider resharding.", file=name
+        )
     unaligned = [e for e in entries if e.offset is not None and e.nbytes and e.offset % itemsize(e.dtype)]
     if unaligned:
         first = unaligned[0]
@@ -52,7 +58,9 @@ def check_numbering(index_name: str, files: list[str], report: Report) -> None:
     if out_of_range:
         problems.append(f"shard number {out_of_range[0]} is outside 1..{max(totals)}")
     if problems:
-        report.add("shard-numbering", "; ".join(problems) + ": a shard may be missing or left over from another layout.", file=index_name)
+        report.add(
+            "shard-numbering", "; ".join(problems) + ": a shard may be missing or left over from another layout.", file=index_name
+        )
 
 
 def check_folder(listing: dict[str, int], selected: str, used: set[str], report: Report, variant: str | None = None) -> None:
@@ -72,13 +80,18 @@ def check_folder(listing: dict[str, int], selected: str, used: set[str], report:
     for name in sorted(listing):
         shard = parse_shard_name(name)
         if shard is not None and (shard[0], shard[3]) in families and name not in used:
-            report.add("stale-shard", "a shard that the checkpoint does not use, probably left from an earlier layout: delete it.", file=name)
+            report.add(
+                "stale-shard",
+                "a shard that the checkpoint does not use, probably left from an earlier layout: delete it.",
+                file=name,
+            )
 
     safetensors = [n for n in (single_file_name("safetensors", variant), index_file_name("safetensors", variant)) if n in listing]
     torch_bin = [n for n in (single_file_name("bin", variant), index_file_name("bin", variant)) if n in listing]
     if safetensors and torch_bin:
         report.add(
             "mixed-formats",
-            f"both {safetensors[0]} and {torch_bin[0]} are present; loaders use the safetensors one and ignore the other: delete one.",
+            f"both {safetensors[0]} and {torch_bin[0]} are present; loaders use the safetensors one and ignore "
+            "the other: delete one.",
             file=torch_bin[0],
         )

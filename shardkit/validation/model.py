@@ -32,7 +32,11 @@ def check_model(checkpoint: Checkpoint, config_path: str | None, report: Report)
         report.add("model-not-checked", f"transformers is needed to build the model ({exc}).", file=config_path)
         return
     except Exception as exc:  # unknown architecture, bad config: the checkpoint may still be fine
-        report.add("model-not-checked", f"the model cannot be built from this config ({type(exc).__name__}: {exc})"[:300] + ".", file=config_path)
+        report.add(
+            "model-not-checked",
+            f"the model cannot be built from this config ({type(exc).__name__}: {exc})"[:300] + ".",
+            file=config_path,
+        )
         return
 
     groups = _tied_groups(model)
@@ -53,15 +57,27 @@ def check_model(checkpoint: Checkpoint, config_path: str | None, report: Report)
     unexpected = [n for n in have if n not in expected and n not in tied_names and n not in non_persistent]
 
     for name in missing[:MAX_LISTED]:
-        report.add("model-missing-key", "the model has this parameter but the checkpoint does not: it would keep random weights.", tensor=name)
+        report.add(
+            "model-missing-key",
+            "the model has this parameter but the checkpoint does not: it would keep random weights.",
+            tensor=name,
+        )
     for name in missing_buffers[:MAX_LISTED]:
         report.add("model-missing-buffer", "the model has this persistent buffer but the checkpoint does not.", tensor=name)
     for name, got, want in mismatched[:MAX_LISTED]:
-        report.add("model-shape-mismatch", f"the checkpoint's shape {list(got)} differs from the model's {list(want)}.", tensor=name)
+        report.add(
+            "model-shape-mismatch", f"the checkpoint's shape {list(got)} differs from the model's {list(want)}.", tensor=name
+        )
     for name in unexpected[:MAX_LISTED]:
-        report.add("model-unexpected-key", "the checkpoint holds this tensor but the model has no such parameter or buffer.", tensor=name)
-    for code, items in (("model-missing-key", missing), ("model-missing-buffer", missing_buffers),
-                        ("model-shape-mismatch", mismatched), ("model-unexpected-key", unexpected)):
+        report.add(
+            "model-unexpected-key", "the checkpoint holds this tensor but the model has no such parameter or buffer.", tensor=name
+        )
+    for code, items in (
+        ("model-missing-key", missing),
+        ("model-missing-buffer", missing_buffers),
+        ("model-shape-mismatch", mismatched),
+        ("model-unexpected-key", unexpected),
+    ):
         if len(items) > MAX_LISTED:
             report.add(code, f"... and {len(items) - MAX_LISTED} more tensors with the same problem.")
 
@@ -97,5 +113,5 @@ def _align_prefix(have: dict, expected: set[str], prefix: str) -> dict:
     if model_prefixed and not ckpt_prefixed:
         return {dotted + n if dotted + n in expected else n: s for n, s in have.items()}
     if ckpt_prefixed and not model_prefixed:
-        return {n[len(dotted):] if n.startswith(dotted) else n: s for n, s in have.items()}
+        return {n[len(dotted) :] if n.startswith(dotted) else n: s for n, s in have.items()}
     return have

@@ -15,13 +15,19 @@ CODES: dict[str, tuple[str, str]] = {
     # the index
     "index-invalid": (ERROR, "The index is not JSON, not an object, or has no weight_map of tensor names to file names."),
     "index-empty": (WARNING, "The index's weight_map names no tensor."),
-    "index-format-mismatch": (ERROR, "The index's name says one format (model.safetensors.index.json) but it maps tensors to files of another."),
+    "index-format-mismatch": (
+        ERROR,
+        "The index's name says one format (model.safetensors.index.json) but it maps tensors to files of another.",
+    ),
     "missing-shard": (ERROR, "The index names a file that is not there."),
     "path-escapes-folder": (ERROR, "The index names a path, or a file is a symlink, leading outside the checkpoint folder."),
     "index-key-missing": (ERROR, "The index maps a tensor to a file whose header does not hold it."),
     "index-key-unlisted": (ERROR, "A file holds a tensor that the index does not list (loaders driven by the index skip it)."),
     "duplicate-tensor": (ERROR, "The same tensor name is stored in two files."),
-    "total-size-mismatch": (ERROR, "metadata.total_size differs from the sum of the tensors' bytes (shared tensors counted once)."),
+    "total-size-mismatch": (
+        ERROR,
+        "metadata.total_size differs from the sum of the tensors' bytes (shared tensors counted once).",
+    ),
     "total-size-missing": (WARNING, "The index has no integer metadata.total_size."),
     "total-size-float": (WARNING, "metadata.total_size is a float (old transformers counted bools as 1/8 byte)."),
     # files: safetensors header rules (those of the reference Rust reader)
@@ -67,7 +73,10 @@ CODES: dict[str, tuple[str, str]] = {
     "mixed-formats": (WARNING, "Both .bin and safetensors checkpoints of the same weights; loaders pick safetensors."),
     "file-too-large": (ERROR, "A file over the Hub's 50 GB per-file limit: reshard it."),
     "file-large": (WARNING, "A file over the Hub's 20 GB recommendation (loses CDN caching): consider resharding."),
-    "unaligned-tensor": (WARNING, "Tensors whose file offset is not a multiple of their element size (no zero-copy typed views)."),
+    "unaligned-tensor": (
+        WARNING,
+        "Tensors whose file offset is not a multiple of their element size (no zero-copy typed views).",
+    ),
     # --deep
     "nan-values": (ERROR, "A floating-point tensor holds NaN values."),
     "inf-values": (WARNING, "A floating-point tensor holds infinite values (legitimate in some masks)."),

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from .dtypes import torch_dtype
-from .copy import short_read
 from .formats.legacy import load_legacy
 from .table import TensorEntry
+from .write.byteio import short_read
 
 
 def read_exact(handle: BinaryIO, offset: int, size: int, path: str) -> bytearray:

@@ -7,13 +7,13 @@ file assignment for the same state dict, so a checkpoint resharded by shardkit m
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable
 
-from .dtypes import DTYPE_BITS, FLOATING, SAFETENSORS_DTYPES, TORCH_NAMES, nbytes_of
-from .errors import UsageError
-from .naming import index_file_name, shard_file_name, single_file_name
-from .table import Checkpoint, TensorEntry
+from ..dtypes import DTYPE_BITS, FLOATING, SAFETENSORS_DTYPES, TORCH_NAMES, nbytes_of
+from ..errors import UsageError
+from ..naming import index_file_name, shard_file_name, single_file_name
+from ..table import Checkpoint, TensorEntry
 
 #: dtype -> rank in the safetensors writer's dtype order (declaration order of its ``Dtype`` enum, which the
 #: reference writer sorts on, largest alignment first).
@@ -128,7 +128,9 @@ def output_tensor(entry: TensorEntry, fmt: str, dtype: str | None) -> PlannedTen
         out = dtype
     allowed = SAFETENSORS_DTYPES if fmt == "safetensors" else BIN_DTYPES
     if out not in allowed:
-        raise UsageError(f"tensor {entry.name!r} is {out}, which a {'.safetensors' if fmt == 'safetensors' else '.bin'} file cannot hold")
+        raise UsageError(
+            f"tensor {entry.name!r} is {out}, which a {'.safetensors' if fmt == 'safetensors' else '.bin'} file cannot hold"
+        )
     nbytes = entry.nbytes if out == entry.dtype else nbytes_of(out, entry.shape)
     return PlannedTensor(name=entry.name, dtype=out, shape=entry.shape, nbytes=nbytes, source=entry)
 
@@ -186,7 +188,9 @@ def _assemble(groups: list[list[str]], stored: dict[str, PlannedTensor], owner: 
                 planned.tensors.append(stored[name])
         files.append(planned)
     dropped = {name: kept for name, kept in owner.items() if name != kept} if fmt == "safetensors" else {}
-    return Plan(format=fmt, files=files, weight_map=weight_map, dropped=dropped, total_size=sum(t.nbytes for t in stored.values()))
+    return Plan(
+        format=fmt, files=files, weight_map=weight_map, dropped=dropped, total_size=sum(t.nbytes for t in stored.values())
+    )
 
 
 def safetensors_order(tensors: list[PlannedTensor]) -> list[PlannedTensor]:

@@ -13,13 +13,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .dtypes import parse_dtype
-from .errors import OutputError, UsageError
-from .planning import Plan, plan_convert, plan_split
-from .reader import open_checkpoint
-from .sizes import parse_size
+from ..dtypes import parse_dtype
+from ..errors import OutputError, UsageError
+from ..reader import open_checkpoint
+from ..table import Checkpoint
+from ..units import parse_size
+from .plan import Plan, plan_convert, plan_split
 from .staging import Staging, check_destination, refuse_inside
-from .table import Checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -49,24 +49,69 @@ class WriteSummary:
         return asdict(self)
 
 
-def split(src, dst, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, format: str = "safetensors", dtype: str | None = None,
-          overwrite: bool = False, verify: bool = False, dry_run: bool = False, progress: bool = False,
-          variant: str | None = None) -> WriteSummary:
+def split(
+    src,
+    dst,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    format: str = "safetensors",
+    dtype: str | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+    variant: str | None = None,
+) -> WriteSummary:
     """Reshard the checkpoint at ``src`` into ``dst`` with shards of at most ``max_shard_size`` (see :func:`run_split`)."""
-    return run_split(open_checkpoint(src, variant=variant), dst, max_shard_size=max_shard_size, format=format, dtype=dtype,
-                     overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
+    return run_split(
+        open_checkpoint(src, variant=variant),
+        dst,
+        max_shard_size=max_shard_size,
+        format=format,
+        dtype=dtype,
+        overwrite=overwrite,
+        verify=verify,
+        dry_run=dry_run,
+        progress=progress,
+    )
 
 
-def convert(src, dst, *, max_shard_size: int | str | None = None, format: str = "safetensors", dtype: str | None = None,
-            overwrite: bool = False, verify: bool = False, dry_run: bool = False, progress: bool = False,
-            variant: str | None = None) -> WriteSummary:
+def convert(
+    src,
+    dst,
+    *,
+    max_shard_size: int | str | None = None,
+    format: str = "safetensors",
+    dtype: str | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+    variant: str | None = None,
+) -> WriteSummary:
     """Convert the checkpoint at ``src`` (typically ``.bin``) to ``format`` in ``dst`` (see :func:`run_convert`)."""
-    return run_convert(open_checkpoint(src, variant=variant), dst, max_shard_size=max_shard_size, format=format, dtype=dtype,
-                       overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
+    return run_convert(
+        open_checkpoint(src, variant=variant),
+        dst,
+        max_shard_size=max_shard_size,
+        format=format,
+        dtype=dtype,
+        overwrite=overwrite,
+        verify=verify,
+        dry_run=dry_run,
+        progress=progress,
+    )
 
 
-def run_split(checkpoint: Checkpoint, dst, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, format: str = "safetensors",
-              dtype: str | None = None, **options) -> WriteSummary:
+def run_split(
+    checkpoint: Checkpoint,
+    dst,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    format: str = "safetensors",
+    dtype: str | None = None,
+    **options,
+) -> WriteSummary:
     """Repack ``checkpoint`` into ``dst`` the way huggingface_hub shards (next-fit in key order).
 
     ``dtype`` casts floating tensors (``bf16``, ``fp16``, ``fp32``…). ``options``: ``overwrite``, ``verify``,
@@ -76,16 +121,31 @@ def run_split(checkpoint: Checkpoint, dst, *, max_shard_size: int | str = DEFAUL
     return write(checkpoint, plan, dst, **options)
 
 
-def run_convert(checkpoint: Checkpoint, dst, *, max_shard_size: int | str | None = None, format: str = "safetensors",
-                dtype: str | None = None, **options) -> WriteSummary:
+def run_convert(
+    checkpoint: Checkpoint,
+    dst,
+    *,
+    max_shard_size: int | str | None = None,
+    format: str = "safetensors",
+    dtype: str | None = None,
+    **options,
+) -> WriteSummary:
     """Rewrite ``checkpoint`` in ``format`` keeping its file layout, or repacked when ``max_shard_size`` is given."""
     if max_shard_size is not None:
         return run_split(checkpoint, dst, max_shard_size=max_shard_size, format=format, dtype=dtype, **options)
     return write(checkpoint, plan_convert(checkpoint, format, _dtype(dtype)), dst, **options)
 
 
-def write(checkpoint: Checkpoint, plan: Plan, dst, *, overwrite: bool = False, verify: bool = False, dry_run: bool = False,
-          progress: bool = False) -> WriteSummary:
+def write(
+    checkpoint: Checkpoint,
+    plan: Plan,
+    dst,
+    *,
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+) -> WriteSummary:
     """Carry out ``plan`` into the folder ``dst``, atomically.
 
     Files are written into a temporary folder beside ``dst`` and fsynced; with ``verify`` every tensor is read back
@@ -103,8 +163,8 @@ def write(checkpoint: Checkpoint, plan: Plan, dst, *, overwrite: bool = False, v
         summary.dry_run = True
         return summary
 
+    from .files import Sources, write_plan
     from .verify import verify_plan
-    from .writer import Sources, write_plan
 
     started = time.perf_counter()
     bar = _progress_bar(plan.total_size * (2 if verify else 1), progress)

@@ -1,7 +1,7 @@
-"""Write the files of a :class:`~shardkit.planning.Plan`: byte ranges copied, only the unavoidable materialized.
+"""Write the files of a :class:`~shardkit.write.plan.Plan`: byte ranges copied, only the unavoidable materialized.
 
 A tensor whose source bytes are one contiguous run in the output dtype is copied file-to-file
-(:func:`shardkit.copy.copy_range`), and runs that are adjacent in both source and output are merged into one
+(:func:`shardkit.write.byteio.copy_range`), and runs that are adjacent in both source and output are merged into one
 call. Everything else (dtype casts, non-contiguous views, legacy files) is materialized through torch one
 tensor at a time, so peak memory is one copy buffer plus the largest such tensor (twice, across a cast).
 """
@@ -12,14 +12,14 @@ import ctypes
 import functools
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from .copy import Writeback, copy_buffered, copy_range, write_all
-from .errors import CheckpointError
-from .formats.safetensors import build_header
-from .formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
-from .planning import Plan, PlannedFile, PlannedTensor, safetensors_order
+from ..errors import CheckpointError
+from ..formats.safetensors import build_header
+from ..formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
+from .byteio import Writeback, copy_buffered, copy_range, write_all
+from .plan import Plan, PlannedFile, PlannedTensor, safetensors_order
 
 Progress = Callable[[int], None]
 
@@ -35,7 +35,9 @@ class Sources:
             try:
                 self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError as exc:
-                raise CheckpointError(path, f"cannot be opened ({exc.strerror}); was it moved since it was read?", code="unreadable") from None
+                raise CheckpointError(
+                    path, f"cannot be opened ({exc.strerror}); was it moved since it was read?", code="unreadable"
+                ) from None
         return self._fds[path]
 
     def close(self) -> None:
@@ -57,7 +59,13 @@ class WrittenFile:
     tensors: int
 
 
-def write_plan(plan: Plan, folder: str, sources: Sources, progress: Progress = lambda n: None, after_file: Callable[[str], None] | None = None) -> list[WrittenFile]:
+def write_plan(
+    plan: Plan,
+    folder: str,
+    sources: Sources,
+    progress: Progress = lambda n: None,
+    after_file: Callable[[str], None] | None = None,
+) -> list[WrittenFile]:
     """Write every file of ``plan`` into ``folder`` and its index last, all flushed to disk; return what was written.
 
     Files are fsynced together at the end so that writing one overlaps the writeback of the previous ones.
@@ -157,7 +165,9 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
                 source, crc = tensor.source, 0
                 for piece in range(0, tensor.nbytes, Writeback.STEP):
                     count = min(Writeback.STEP, tensor.nbytes - piece)
-                    crc = copy_buffered(sources.fd(source.file), source.offset + piece, fd, offset + piece, count, source.file, crc=crc)
+                    crc = copy_buffered(
+                        sources.fd(source.file), source.offset + piece, fd, offset + piece, count, source.file, crc=crc
+                    )
                     writeback.advance(offset + piece + count)
             archive.end(crc)
             progress(tensor.nbytes)
@@ -172,8 +182,8 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
 
 def materialize(tensor: PlannedTensor, sources: Sources):
     """The torch tensor for ``tensor`` in its output dtype, C-contiguous (imports torch)."""
-    from .dtypes import torch_dtype
-    from .tensors import load_tensor
+    from ..dtypes import torch_dtype
+    from ..materialize import load_tensor
 
     _return_large_blocks()
     source = tensor.source

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _TEMP_MARK = ".shardkit-tmp-"
 _OLD_MARK = ".shardkit-old-"
@@ -115,7 +115,7 @@ def remove_stale(dst: Path) -> None:
     for mark in (_OLD_MARK, _TEMP_MARK):
         prefix = f".{dst.name}{mark}"
         for path in dst.parent.glob(f"{prefix}*"):
-            pid = path.name[len(prefix):].split("-", 1)[0]
+            pid = path.name[len(prefix) :].split("-", 1)[0]
             if not (pid.isdigit() and not _alive(int(pid)) and path.is_dir()):
                 continue
             if mark == _OLD_MARK and not dst.exists():
@@ -140,4 +140,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

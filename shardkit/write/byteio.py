@@ -16,7 +16,7 @@ import errno
 import os
 import zlib
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 #: The one buffer used when bytes must pass through user space (fallback copies, CRC, verification). Small
 #: enough to stay in the CPU cache between the read and the write: larger buffers measured slower.
@@ -33,7 +33,9 @@ _methods = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasat
 def short_read(path: str, offset: int, missing: int) -> CheckpointError:
     """The error for a file that ends `missing` bytes before the data its header declares."""
     return CheckpointError(
-        path, f"file ends at byte {offset}, {missing} bytes short of the data it declares (truncated since opened?)", code="short-read"
+        path,
+        f"file ends at byte {offset}, {missing} bytes short of the data it declares (truncated since opened?)",
+        code="short-read",
     )
 
 
@@ -73,12 +75,16 @@ def _sendfile(src: int, dst: int, count: int, src_offset: int, dst_offset: int) 
 
 #: In-kernel copies, tried in this order: ``(src, dst, count, src_offset, dst_offset) -> bytes moved``.
 _KERNEL_COPIES = {
-    "copy_file_range": lambda src, dst, count, src_offset, dst_offset: os.copy_file_range(src, dst, count, src_offset, dst_offset),
+    "copy_file_range": lambda src, dst, count, src_offset, dst_offset: os.copy_file_range(
+        src, dst, count, src_offset, dst_offset
+    ),
     "sendfile": _sendfile,
 }
 
 
-def copy_buffered(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str, crc: int | None = None) -> int | None:
+def copy_buffered(
+    src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str, crc: int | None = None
+) -> int | None:
     """Copy through one user-space buffer; with ``crc`` given, return the CRC-32 of the bytes continued from it."""
     buffer = bytearray(min(BUFFER_SIZE, count) or 1)
     view = memoryview(buffer)

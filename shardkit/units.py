@@ -7,9 +7,16 @@ import re
 from .errors import UsageError
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
@@ -28,7 +35,10 @@ def parse_size(text: str | int) -> int:
             raise UsageError(f"cannot read {text!r} as a size: write e.g. 5GB, 5GiB, 500MB or a number of bytes")
         value, unit = float(match[1]), match[2].lower()
         if unit in ("k", "m", "g", "t"):
-            raise UsageError(f"size {text!r} is ambiguous: write {match[1]}{unit.upper()}B (powers of 10) or {match[1]}{unit.upper()}iB (powers of 2)")
+            raise UsageError(
+                f"size {text!r} is ambiguous: write {match[1]}{unit.upper()}B (powers of 10) or "
+                f"{match[1]}{unit.upper()}iB (powers of 2)"
+            )
         if unit not in _UNITS:
             raise UsageError(f"unknown unit {match[2]!r} in {text!r}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
     size = int(value * _UNITS[unit])

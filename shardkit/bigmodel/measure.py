@@ -36,7 +36,9 @@ def tensor_size(tensor, dtype=None, *, never_grow: bool = False) -> int:
     return tensor.numel() * (min(own, target) if never_grow else target)
 
 
-def compute_module_sizes(model, dtype=None, special_dtypes: dict | None = None, buffers_only: bool = False, *, never_grow: bool = False) -> dict[str, int]:
+def compute_module_sizes(
+    model, dtype=None, special_dtypes: dict | None = None, buffers_only: bool = False, *, never_grow: bool = False
+) -> dict[str, int]:
     """``{prefix: bytes}`` for every module and tensor name prefix (``""`` is the whole model).
 
     Parameters are counted once however many names they have (tied weights); every buffer counts. ``dtype`` is
@@ -67,7 +69,8 @@ def module_tree(model, prefix: str = "") -> Node:
 
 
 def find_tied_parameters(model, **_ignored) -> list[list[str]]:
-    """Groups of parameter names that are one tensor (tied weights), each sorted, e.g. ``[["lm_head.weight", "model.embed_tokens.weight"]]``."""
+    """Groups of parameter names that are one tensor (tied weights), each sorted, e.g. ``[["lm_head.weight", "
+    ""model.embed_tokens.weight"]]``."""
     by_identity: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_identity.setdefault(id(param), []).append(name)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 
-from .copy import BUFFER_SIZE, same_bytes
-from .errors import OutputError
-from .formats import open_file
-from .planning import Plan
-from .writer import Sources, materialize, tensor_bytes
+from ..errors import OutputError
+from ..formats import open_file
+from .byteio import BUFFER_SIZE, same_bytes
+from .files import Sources, materialize, tensor_bytes
+from .plan import Plan
 
 
 def verify_plan(plan: Plan, folder: str, sources: Sources, progress=lambda n: None) -> None:
@@ -28,22 +28,37 @@ def verify_plan(plan: Plan, folder: str, sources: Sources, progress=lambda n: No
             missing, extra = sorted(expected - set(written)), sorted(set(written) - expected)
             _fail(planned.name, f"holds the wrong tensors (missing {missing[:3]}, unexpected {extra[:3]})")
         for name, stored in planned.keys.items():
-            if name != stored and (written[name].storage, written[name].offset) != (written[stored].storage, written[stored].offset):
+            if name != stored and (written[name].storage, written[name].offset) != (
+                written[stored].storage,
+                written[stored].offset,
+            ):
                 _fail(planned.name, f"tensor {name!r} does not share its bytes with {stored!r}")
         out_fd = os.open(path, os.O_RDONLY)
         try:
             for tensor in planned.tensors:
                 entry = written[tensor.name]
-                if (entry.dtype, tuple(entry.shape), entry.nbytes) != (tensor.dtype, tensor.shape, tensor.nbytes) or entry.offset is None:
-                    _fail(planned.name, f"tensor {tensor.name!r} is {entry.dtype} {list(entry.shape)}, planned {tensor.dtype} {list(tensor.shape)}")
+                if (entry.dtype, tuple(entry.shape), entry.nbytes) != (
+                    tensor.dtype,
+                    tensor.shape,
+                    tensor.nbytes,
+                ) or entry.offset is None:
+                    _fail(
+                        planned.name,
+                        f"tensor {tensor.name!r} is {entry.dtype} {list(entry.shape)}, planned {tensor.dtype} "
+                        f"{list(tensor.shape)}",
+                    )
                 if tensor.materialize:
                     value = materialize(tensor, sources)  # kept alive while its bytes are compared
                     equal = _equals_file(tensor_bytes(value), out_fd, entry.offset)
                 else:
                     source = tensor.source
-                    equal = same_bytes(sources.fd(source.file), source.offset, out_fd, entry.offset, tensor.nbytes, source.file, path)
+                    equal = same_bytes(
+                        sources.fd(source.file), source.offset, out_fd, entry.offset, tensor.nbytes, source.file, path
+                    )
                 if not equal:
-                    _fail(planned.name, f"tensor {tensor.name!r} differs from its source in {os.path.basename(tensor.source.file)}")
+                    _fail(
+                        planned.name, f"tensor {tensor.name!r} differs from its source in {os.path.basename(tensor.source.file)}"
+                    )
                 progress(tensor.nbytes)
         finally:
             os.close(out_fd)
