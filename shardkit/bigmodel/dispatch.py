@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,42 @@ from .hooks import Block, Hook, Streamer
 from .loader import load_checkpoint_in_model
 from .offload import INDEX_NAME, OffloadStore, OffloadWriter, stamp
 from .targets import Target, model_tensors
+
+
+@dataclass(frozen=True)
+class DispatchOptions:
+    """How :func:`dispatch_model` runs a model: its keyword arguments, resolved once and passed down together."""
+
+    main_device: torch.device  # where offloaded blocks run
+    offload_dir: str | None = None  # a folder an earlier load offloaded into, or where disk blocks are written now
+    offload_buffers: bool = False  # stream the buffers of offloaded blocks too (default: they live on main_device)
+    skip_keys: tuple[str, ...] = ()  # input keys a hook leaves where they are (a cache object, say)
+    preload_module_classes: tuple[str, ...] = ()
+    force_hooks: bool = False  # hooks even when the whole model sits on one device
+
+    @classmethod
+    def resolve(
+        cls,
+        model,
+        device_map: dict,
+        main_device=None,
+        offload_dir=None,
+        offload_buffers: bool = False,
+        skip_keys=None,
+        preload_module_classes=None,
+        force_hooks: bool = False,
+    ) -> DispatchOptions:
+        """Defaults as accelerate's: the map's first GPU, else the CPU; the model's ``_skip_keys_device_placement``."""
+        if main_device is None:
+            main = map_main_device(device_map)
+        else:
+            main = torch.device(f"cuda:{main_device}" if isinstance(main_device, int) else main_device)
+        if skip_keys is None:
+            skip_keys = getattr(model, "_skip_keys_device_placement", None) or ()
+        skip = (skip_keys,) if isinstance(skip_keys, str) else tuple(skip_keys)
+        preload = (preload_module_classes,) if isinstance(preload_module_classes, str) else tuple(preload_module_classes or ())
+        folder = os.fspath(offload_dir) if offload_dir is not None else None
+        return cls(main, folder, offload_buffers, skip, preload, force_hooks)
 
 
 def dispatch_model(
@@ -50,26 +87,33 @@ def dispatch_model(
     check_device_map(model, device_map)
     remove_hooks(model)
     model.hf_device_map = dict(device_map)
+    options = DispatchOptions.resolve(
+        model, device_map, main_device, offload_dir, offload_buffers, skip_keys, preload_module_classes, force_hooks
+    )
     devices = {torch_device(d) for d in device_map.values()}
-    if len(devices) == 1 and "disk" not in devices and not force_hooks:
+    if len(devices) == 1 and "disk" not in devices and not options.force_hooks:
         model.to(next(iter(devices)))
         return model
-    main = (
-        torch.device(main_device if not isinstance(main_device, int) else f"cuda:{main_device}")
-        if main_device is not None
-        else map_main_device(device_map)
-    )
-    if skip_keys is None:
-        skip_keys = getattr(model, "_skip_keys_device_placement", None) or ()
-    skip_keys = [skip_keys] if isinstance(skip_keys, str) else list(skip_keys)
-
-    modules = dict(model.named_modules())
     store = offload_index if offload_index is not None else getattr(model, "_shardkit_offload", None)
     if store is None and offload_dir is not None and os.path.isfile(os.path.join(offload_dir, INDEX_NAME)):
         store = OffloadStore.open(offload_dir)
-    host_slabs = getattr(model, "_shardkit_host", None) or {}
+    modules = dict(model.named_modules())
+    groups = _group_by_block(model, device_map, modules)
+    blocks, store = _build_blocks(groups, modules, options, store, state_dict, getattr(model, "_shardkit_host", None) or {})
+    offloaded = [b for b in blocks if b.tier != "resident"]
+    streamer = Streamer(options.main_device, offloaded, store) if offloaded else None
+    for block in blocks:
+        Hook(block.module, block.device, block, streamer, io_same_device=block.name == "", skip_keys=options.skip_keys).attach()
+    if "" not in groups:
+        Hook(model, None, streamer=streamer, io_same_device=True).attach()
+    model._shardkit_streamer = streamer
+    model._shardkit_offload = store
+    return model
 
-    # Group every tensor into the block whose hook will manage it.
+
+def _group_by_block(model, device_map: dict, modules: dict) -> dict[str, tuple[object, list[Target]]]:
+    """``{block module name: (device, targets)}``, blocks in module order: every tensor in the block whose hook will
+    manage it. A tensor tied across blocks (embeddings and LM head) is given to each block that uses it."""
     groups: dict[str, tuple[object, list[Target]]] = {}
 
     def block_of(tensor_name: str) -> tuple[str, object]:
@@ -77,7 +121,6 @@ def dispatch_model(
         return block_module(key, tensor_name, modules), torch_device(device_map[key])
 
     for whole in model_tensors(model):
-        # A tensor tied across blocks (embeddings and LM head) is given to each block that uses it.
         for (name, device), target in whole.split(block_of).items():
             previous = groups.get(name)
             if previous is not None and previous[0] != device:
@@ -85,10 +128,18 @@ def dispatch_model(
                     f"device_map puts tensors of module {name!r} on both {previous[0]} and {device}: give the module one device"
                 )
             groups.setdefault(name, (device, []))[1].append(target)
-    names = sorted(groups, key=list(modules).index)
-    outer = {n for n in names if any(o != n and (not n or o.startswith(n + ".")) for o in names)}
+    order = list(modules)
+    return {name: groups[name] for name in sorted(groups, key=order.index)}
 
-    blocks, offloaded = [], []
+
+def _build_blocks(groups: dict, modules: dict, options: DispatchOptions, store, state_dict, host_slabs: dict):
+    """One :class:`Block` per group: resident blocks settle on their device, offloaded ones are laid out in a slab
+    (pinned host memory or the offload store). Returns the blocks and the offload store (created if disk blocks
+    had to be written out)."""
+    main = options.main_device
+    names = list(groups)
+    outer = {n for n in names if any(o != n and (not n or o.startswith(n + ".")) for o in names)}
+    blocks = []
     for name in names:
         device, targets = groups[name]
         if device == "disk" or (device.type == "cpu" and main.type != "cpu"):
@@ -102,26 +153,17 @@ def dispatch_model(
         streamed = []
         for t in targets:
             is_buffer = not t.places[0][2]
-            if tier == "resident" or (is_buffer and not offload_buffers):
+            if tier == "resident" or (is_buffer and not options.offload_buffers):
                 _settle(t, exec_device, store, state_dict)
             else:
                 streamed.append(t)
         if streamed:
-            _offload(block, streamed, host_slabs.get(name), store, state_dict, offload_dir, pin=main.type == "cuda")
+            _offload(block, streamed, host_slabs.get(name), store, state_dict, options.offload_dir, pin=main.type == "cuda")
             store = block.store if block.tier == "disk" else store
-            offloaded.append(block)
         else:
             block.tier = "resident"
         blocks.append(block)
-
-    streamer = Streamer(main, [b for b in offloaded], store) if offloaded else None
-    for block in blocks:
-        Hook(block.module, block.device, block, streamer, io_same_device=block.name == "", skip_keys=skip_keys).attach()
-    if "" not in groups:
-        Hook(model, None, streamer=streamer, io_same_device=True).attach()
-    model._shardkit_streamer = streamer
-    model._shardkit_offload = store
-    return model
+    return blocks, store
 
 
 def _value(t: Target, store, state_dict):

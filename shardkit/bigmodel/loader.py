@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..dtypes import from_torch_dtype, torch_dtype
@@ -182,16 +183,52 @@ def _allocate(targets: list[Target], pin: bool) -> dict:
 
 def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> OffloadStore | None:
     """Read every loaded tensor once, in file order, into its destination or offload file."""
-    import torch
-
     by_entry: dict[str, list[Target]] = {}
     for t in targets:
-        stored = t.entry.alias_of or t.entry.name
-        by_entry.setdefault(stored, []).append(t)
+        by_entry.setdefault(t.entry.alias_of or t.entry.name, []).append(t)
     order = sorted(by_entry, key=lambda n: (checkpoint.entries[n].file, checkpoint.entries[n].offset or 0))
+    disk = _plan_disk(checkpoint, by_entry, order, offload_folder)
+    try:
+        direct, jobs = _plan_reads(checkpoint, by_entry, order, disk)
+        read_direct(direct)
+        _read_loop(jobs)
+        if any(t.device != "disk" and t.device.type == "cuda" for t in targets):
+            import torch
 
-    disk_stored: dict[str, Stored] = {}
-    stamps: dict[str, dict] = {}
+            torch.cuda.synchronize()  # the last asynchronous copies out of the ring and out of materialized tensors
+        disk.finish()
+    except BaseException:
+        disk.abort()
+        raise
+    if not disk.stored:
+        return None
+    return OffloadStore(disk.stored, disk.stamps, os.fspath(offload_folder) if offload_folder is not None else None)
+
+
+@dataclass
+class _DiskPlan:
+    """Where the disk tier's tensors will be read from: ``stored`` (already in a checkpoint safetensors file, in
+    the right dtype) or a ``writers[block]`` file in the offload folder that the load fills."""
+
+    stored: dict[str, Stored] = field(default_factory=dict)
+    stamps: dict[str, dict] = field(default_factory=dict)
+    writers: dict[str, OffloadWriter] = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)  # one reusable cast buffer per dtype
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            self.stored.update(writer.finish())
+            self.stamps[writer.path] = stamp(writer.path)
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def _plan_disk(checkpoint: Checkpoint, by_entry: dict, order: list[str], offload_folder) -> _DiskPlan:
+    """Point disk-tier tensors into the checkpoint's own safetensors files where their bytes can be used as they
+    are; open one offload file per block for the rest (raises UsageError without an ``offload_folder``)."""
+    plan = _DiskPlan()
     to_write: dict[str, list[Target]] = {}
     for name in order:
         entry = checkpoint.entries[name]
@@ -200,9 +237,9 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
                 continue
             fmt = checkpoint.file(entry.file).format if entry.file else ""
             if fmt == "safetensors" and entry.offset is not None and torch_dtype(entry.dtype) == t.dtype:
-                disk_stored[t.names[0]] = Stored(entry.file, entry.offset, entry.nbytes, entry.dtype, tuple(entry.shape))
-                if entry.file not in stamps:
-                    stamps[entry.file] = stamp(entry.file)
+                plan.stored[t.names[0]] = Stored(entry.file, entry.offset, entry.nbytes, entry.dtype, tuple(entry.shape))
+                if entry.file not in plan.stamps:
+                    plan.stamps[entry.file] = stamp(entry.file)
             else:
                 to_write.setdefault(t.block, []).append(t)
     if to_write and offload_folder is None:
@@ -211,99 +248,105 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
             f"the device map puts {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} on disk, and they must be written out "
             "(cast to another dtype, or not in a safetensors file): pass offload_folder"
         )
-    writers = {}
     if to_write:
         os.makedirs(offload_folder, exist_ok=True)
-        for block, members in to_write.items():
-            file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", block or "model") + ".safetensors"
-            specs = [
-                (t.names[0], from_torch_dtype(t.dtype), tuple(t.old.shape), t.old.numel() * t.dtype.itemsize) for t in members
-            ]
-            writers[block] = OffloadWriter(os.path.join(os.fspath(offload_folder), file_name), specs)
+    for block, members in to_write.items():
+        file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", block or "model") + ".safetensors"
+        specs = [(t.names[0], from_torch_dtype(t.dtype), tuple(t.old.shape), t.old.numel() * t.dtype.itemsize) for t in members]
+        plan.writers[block] = OffloadWriter(os.path.join(os.fspath(offload_folder), file_name), specs)
+    return plan
 
-    def sinks_for(t: Target, source_dtype):
-        """Functions taking (uint8 chunk, byte start) that put the chunk where ``t`` wants it."""
-        if t.device == "disk":
-            writer = writers[t.block]
-            if source_dtype == t.dtype:
-                return lambda chunk, start: writer.write_at(t.names[0], start, chunk.numpy())
-            scale = t.dtype.itemsize / source_dtype.itemsize
 
-            def cast_and_write(chunk, start):
-                # one reusable cast buffer: per-chunk temporaries would fragment the heap and grow the RSS
-                count = chunk.numel() // source_dtype.itemsize
-                buffer = scratch.get(t.dtype)
-                if buffer is None or buffer.numel() < count:
-                    buffer = scratch[t.dtype] = torch.empty(count, dtype=t.dtype)
-                buffer[:count].copy_(chunk.view(source_dtype))
-                writer.write_at(t.names[0], int(start * scale), slab.as_bytes(buffer[:count]).numpy())
+def _sink(t: Target, source_dtype, disk: _DiskPlan):
+    """A function taking (uint8 chunk, byte start in the source tensor) that puts the chunk where ``t`` wants it."""
+    import torch
 
-            return cast_and_write
-        flat, raw = t.dest.reshape(-1), slab.as_bytes(t.dest)
+    if t.device == "disk":
+        writer = disk.writers[t.block]
         if source_dtype == t.dtype:
-            return lambda chunk, start: raw[start : start + chunk.numel()].copy_(chunk, non_blocking=True)
-        size = source_dtype.itemsize
-        return lambda chunk, start: flat[start // size : (start + chunk.numel()) // size].copy_(
-            chunk.view(source_dtype), non_blocking=True
-        )
+            return lambda chunk, start: writer.write_at(t.names[0], start, chunk.numpy())
+        scale = t.dtype.itemsize / source_dtype.itemsize
 
-    jobs, job_sinks, direct = [], [], []
-    scratch: dict = {}
+        def cast_and_write(chunk, start):
+            # one reusable cast buffer: per-chunk temporaries would fragment the heap and grow the RSS
+            count = chunk.numel() // source_dtype.itemsize
+            buffer = disk.scratch.get(t.dtype)
+            if buffer is None or buffer.numel() < count:
+                buffer = disk.scratch[t.dtype] = torch.empty(count, dtype=t.dtype)
+            buffer[:count].copy_(chunk.view(source_dtype))
+            writer.write_at(t.names[0], int(start * scale), slab.as_bytes(buffer[:count]).numpy())
+
+        return cast_and_write
+    flat, raw = t.dest.reshape(-1), slab.as_bytes(t.dest)
+    if source_dtype == t.dtype:
+        return lambda chunk, start: raw[start : start + chunk.numel()].copy_(chunk, non_blocking=True)
+    size = source_dtype.itemsize
+    return lambda chunk, start: flat[start // size : (start + chunk.numel()) // size].copy_(
+        chunk.view(source_dtype), non_blocking=True
+    )
+
+
+class _Job(NamedTuple):
+    """A byte range read through the read-ahead ring, and what takes its chunks."""
+
+    file: str
+    offset: int
+    nbytes: int
+    sinks: list
+    on_gpu: bool
+
+
+def _plan_reads(checkpoint: Checkpoint, by_entry: dict, order: list[str], disk: _DiskPlan) -> tuple[list, list[_Job]]:
+    """Split the reads: plain CPU tensors in their own dtype are read straight into place (``direct``); the rest
+    (GPU destinations, casts, offload writes) go through the read-ahead ring as jobs. Tensors that are not a
+    plain byte range (strided views, legacy files) are materialized and handed to their sinks here."""
+    direct, jobs = [], []
+    for name in order:
+        entry = checkpoint.entries[name]
+        members = [t for t in by_entry[name] if not (t.device == "disk" and t.names[0] in disk.stored)]
+        if not members or entry.nbytes == 0:
+            continue
+        source = torch_dtype(entry.dtype)
+        sinks = [_sink(t, source, disk) for t in members]
+        if entry.offset is None:  # a strided view or a legacy file: materialize, then hand over whole
+            whole = slab.as_bytes(load_tensor(entry).contiguous())
+            for sink in sinks:
+                sink(whole, 0)
+        elif len(members) == 1 and members[0].device != "disk" and members[0].device.type == "cpu" and source == members[0].dtype:
+            direct.append((entry, slab.as_bytes(members[0].dest)))  # straight into place, no staging copy
+        else:
+            on_gpu = any(t.device != "disk" and t.device.type == "cuda" for t in members)
+            jobs.append(_Job(entry.file, entry.offset, entry.nbytes, sinks, on_gpu))
+    return direct, jobs
+
+
+def _read_loop(jobs: list[_Job]) -> None:
+    """Feed every job's chunks to its sinks; GPU copies are ordered before their buffer is reused by CUDA events."""
+    if not jobs:
+        return
+    import torch
+
+    gpu = any(job.on_gpu for job in jobs)
+    ranges = [(job.file, job.offset, job.nbytes) for job in jobs]
+    # GPU destinations: several reads in flight into a ring of small pinned buffers; host-only work
+    # (casts, offload writes) is bound by the cast, so one reader and three buffers suffice.
+    # Two buffers per thread (16 x 16 MiB pinned): each thread reads one while the other's copy runs.
+    if gpu:
+        reader = ReadAhead(ranges, pin=True, chunk=PARALLEL_PIECE, depth=2 * PARALLEL_THREADS, threads=PARALLEL_THREADS)
+    else:
+        reader = ReadAhead(ranges)
     try:
-        for name in order:
-            entry = checkpoint.entries[name]
-            members = [t for t in by_entry[name] if not (t.device == "disk" and t.names[0] in disk_stored)]
-            if not members or entry.nbytes == 0:
-                continue
-            source = torch_dtype(entry.dtype)
-            sinks = [sinks_for(t, source) for t in members]
-            if entry.offset is None:  # a strided view or a legacy file: materialize, then hand over whole
-                whole = slab.as_bytes(load_tensor(entry).contiguous())
-                for sink in sinks:
-                    sink(whole, 0)
-            elif (
-                len(members) == 1
-                and members[0].device != "disk"
-                and members[0].device.type == "cpu"
-                and source == members[0].dtype
-            ):
-                direct.append((entry, slab.as_bytes(members[0].dest)))  # straight into place, no staging copy
-            else:
-                jobs.append((entry.file, entry.offset, entry.nbytes))
-                job_sinks.append((sinks, any(t.device != "disk" and t.device.type == "cuda" for t in members)))
-        read_direct(direct)
-        if jobs:
-            gpu = any(flag for _, flag in job_sinks)
-            # GPU destinations: several reads in flight into a ring of small pinned buffers; host-only work
-            # (casts, offload writes) is bound by the cast, so one reader and three buffers suffice.
-            # Two buffers per thread (16 x 16 MiB pinned): each thread reads one while the other's copy runs.
-            parallel = dict(chunk=PARALLEL_PIECE, depth=2 * PARALLEL_THREADS, threads=PARALLEL_THREADS)
-            reader = ReadAhead(jobs, pin=True, **parallel) if gpu and torch.cuda.is_available() else ReadAhead(jobs)
-            try:
-                for chunk in reader:
-                    sinks, on_gpu = job_sinks[chunk.job]
-                    for sink in sinks:
-                        sink(chunk.data, chunk.start)
-                    event = None
-                    if on_gpu:
-                        event = torch.cuda.Event()
-                        event.record()
-                    reader.release(chunk, event)
-            finally:
-                reader.close()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        for writer in writers.values():
-            for stored_name, stored in writer.finish().items():
-                disk_stored[stored_name] = stored
-            stamps[writer.path] = stamp(writer.path)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    if not disk_stored:
-        return None
-    return OffloadStore(disk_stored, stamps, os.fspath(offload_folder) if offload_folder is not None else None)
+        for chunk in reader:
+            job = jobs[chunk.job]
+            for sink in job.sinks:
+                sink(chunk.data, chunk.start)
+            event = None
+            if job.on_gpu:
+                event = torch.cuda.Event()
+                event.record()
+            reader.release(chunk, event)
+    finally:
+        reader.close()
 
 
 def _install(model, targets: list[Target], host: dict, store: OffloadStore | None, offload_folder) -> None:
