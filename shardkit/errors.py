@@ -1,12 +1,177 @@
-"""The exceptions shardkit raises.
+"""The exceptions shardkit raises, and the catalogue of every stable code they and ``validate`` carry.
 
 Every error a user can cause with a bad file or a bad argument is a :class:`ShardkitError`. The CLI turns
 it into one line on stderr and exit code 2; a traceback always means a bug in shardkit.
+
+:data:`CATALOGUE` lists every code shardkit raises or reports, with its category, severity and meaning.
+``tests/test_error_codes.py`` scans the source and fails on a code that is not in it; the README's codes table
+is :func:`codes_table`'s output (``python scripts/codes_table.py --write`` rewrites it).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Literal, NamedTuple
+
+Severity = Literal["error", "warning"]
+
+#: Where a code comes from. The first five are what ``shardkit validate`` reports as findings (exit 1 when one
+#: is an error, 0 with warnings only); "file" codes are also raised when any other command reads a bad file.
+#: The rest are only raised as exceptions (one line on stderr, exit 2).
+Category = Literal["index", "file", "layout", "deep", "model", "target", "hub", "usage", "output", "load"]
+REPORTED_CATEGORIES: tuple[Category, ...] = ("index", "file", "layout", "deep", "model")
+
+
+class CodeInfo(NamedTuple):
+    """One catalogued code: its ``category``, its ``severity`` as a validate finding, and a one-line ``meaning``."""
+
+    category: Category
+    severity: Severity
+    meaning: str
+
+    @property
+    def exit_code(self) -> str:
+        """The CLI's exit status when this code is the outcome, as the README's table shows it."""
+        if self.category not in REPORTED_CATEGORIES:
+            return "2"
+        reported = "1" if self.severity == "error" else "0"
+        return f"{reported} (validate), 2 (other commands)" if self.category == "file" else reported
+
+
+def _e(category: Category, meaning: str) -> CodeInfo:
+    return CodeInfo(category, "error", meaning)
+
+
+def _w(category: Category, meaning: str) -> CodeInfo:
+    return CodeInfo(category, "warning", meaning)
+
+
+#: Every stable code, in the README's order. Add a code here (one line) when you raise or report a new one,
+#: then run ``python scripts/codes_table.py --write`` to refresh the README's table.
+CATALOGUE: dict[str, CodeInfo] = {
+    # the index (validate)
+    "index-invalid": _e("index", "The index is not JSON, not an object, or has no weight_map of tensor names to file names."),
+    "index-empty": _w("index", "The index's weight_map names no tensor."),
+    "index-format-mismatch": _e(
+        "index", "The index's name says one format (model.safetensors.index.json) but it maps tensors to files of another."
+    ),
+    "missing-shard": _e("index", "The index names a file that is not there."),
+    "path-escapes-folder": _e("index", "The index names a path, or a file is a symlink, leading outside the checkpoint folder."),
+    "index-key-missing": _e("index", "The index maps a tensor to a file whose header does not hold it."),
+    "index-key-unlisted": _e(
+        "index", "A file holds a tensor that the index does not list (loaders driven by the index skip it)."
+    ),
+    "duplicate-tensor": _e("index", "The same tensor name is stored in two files."),
+    "total-size-mismatch": _e(
+        "index", "metadata.total_size differs from the sum of the tensors' bytes (shared tensors counted once)."
+    ),
+    "total-size-missing": _w("index", "The index has no integer metadata.total_size."),
+    "total-size-float": _w("index", "metadata.total_size is a float (old transformers counted bools as 1/8 byte)."),
+    # files: safetensors header rules (those of the reference Rust reader)
+    "sf-too-small": _e("file", "The file is shorter than the 8-byte header length."),
+    "sf-header-too-large": _e("file", "The header length is over 100 MB: a corrupt file or not safetensors at all."),
+    "sf-header-past-eof": _e("file", "The header length runs past the end of the file (truncated download?)."),
+    "sf-header-not-utf8": _e("file", "The header is not UTF-8."),
+    "sf-header-json": _e("file", "The header is not a JSON object."),
+    "sf-bad-metadata": _e("file", "__metadata__ is not a map of strings to strings."),
+    "sf-bad-entry": _e("file", "A tensor entry lacks a valid shape or data_offsets."),
+    "sf-unknown-dtype": _e("file", "A tensor has a dtype safetensors does not define."),
+    "sf-size-mismatch": _e("file", "A tensor's byte range does not match its dtype and shape."),
+    "sf-offsets": _e("file", "Tensor byte ranges leave a gap, overlap, or run backwards."),
+    "sf-truncated": _e(
+        "file", "The tensors need more bytes than the file holds: size != 8 + header + data (truncated download)."
+    ),
+    "sf-trailing-bytes": _e("file", "Bytes after the last tensor that no tensor covers: size != 8 + header + data."),
+    # files: what they really are
+    "lfs-pointer": _e("file", "The file is a Git LFS pointer, not the weights: run `git lfs pull`."),
+    "html-page": _e("file", "The file is an HTML/XML page, typically an error page saved by a failed download."),
+    "not-a-checkpoint": _e("file", "The file holds something other than a checkpoint."),
+    "unknown-format": _e("file", "A .bin/.pt file is neither a torch zip archive nor a legacy torch file."),
+    "unsupported-format": _e("file", "A tar-format torch file (pre-1.4), which shardkit does not read."),
+    "missing-file": _e("file", "The file does not exist."),
+    "not-a-file": _e("file", "The path is a folder where a file was expected."),
+    "unreadable": _e("file", "The file cannot be read (permissions, I/O error)."),
+    "short-read": _e("file", "Tensor data could not be read in full (the file ends early: truncated since it was opened?)."),
+    # files: torch zip (.bin) through the restricted unpickler
+    "zip-corrupt": _e("file", "Not a readable zip archive (truncated download?)."),
+    "zip-compressed": _e("file", "A zip member is compressed; torch stores records uncompressed (a zip bomb is refused unread)."),
+    "zip-truncated": _e("file", "A zip member runs past the end of the file."),
+    "not-torch-zip": _e("file", "A zip archive without exactly one data.pkl: not a torch checkpoint."),
+    "big-endian": _e("file", "The checkpoint was saved big-endian."),
+    "pickle-too-large": _e("file", "data.pkl is over 256 MB."),
+    "pickle-invalid": _e("file", "data.pkl is not a valid torch pickle."),
+    "unsafe-pickle": _e("file", "The pickle references something outside the weights-only allow-list; nothing was executed."),
+    "unsupported-tensor": _e("file", "A quantized, sparse, nested or otherwise unsupported tensor."),
+    "not-a-state-dict": _e("file", "The file holds something other than a state dict of tensors."),
+    "storage-missing": _e("file", "A tensor's storage has no record in the archive."),
+    "storage-size-mismatch": _e("file", "A storage record's size differs from what the pickle declares."),
+    "storage-too-short": _e("file", "A tensor view reaches past the end of its storage."),
+    "legacy-corrupt": _e("file", "A legacy (pre-1.6) torch file that torch's weights-only loader cannot read."),
+    "not-checked": _w("file", "A file that could not be checked remotely (legacy torch format); download it to check."),
+    # layout (validate)
+    "shard-numbering": _e(
+        "layout", "Shard names disagree with the shard count (model-00003-of-00005 with another number of files)."
+    ),
+    "stale-shard": _w("layout", "A shard file in the folder that the index does not use (left over from an earlier layout)."),
+    "mixed-formats": _w("layout", "Both .bin and safetensors checkpoints of the same weights; loaders pick safetensors."),
+    "file-too-large": _e("layout", "A file over the Hub's 50 GB per-file limit: reshard it."),
+    "file-large": _w("layout", "A file over the Hub's 20 GB recommendation (loses CDN caching): consider resharding."),
+    "unaligned-tensor": _w(
+        "layout", "Tensors whose file offset is not a multiple of their element size (no zero-copy typed views)."
+    ),
+    # validate --deep and --checksums
+    "nan-values": _e("deep", "A floating-point tensor holds NaN values."),
+    "inf-values": _w("deep", "A floating-point tensor holds infinite values (legitimate in some masks)."),
+    "all-zero": _w("deep", "A tensor is all zeros (a weight that was never trained or was lost?)."),
+    "checksum-mismatch": _e("deep", "A tensor's bytes differ from the --checksums manifest."),
+    "checksum-missing": _e("deep", "A tensor in the --checksums manifest is not in the checkpoint."),
+    "checksum-unlisted": _w("deep", "A tensor of the checkpoint is not in the --checksums manifest."),
+    "checksums-invalid": _e("deep", "The --checksums manifest cannot be read."),
+    "deep-skipped": _w("deep", "Tensor data was not checked (unsupported dtype, or a file that could not be opened)."),
+    # validate --model-config
+    "model-missing-key": _e("model", "The model has a parameter the checkpoint lacks (it would keep random weights)."),
+    "model-unexpected-key": _w("model", "The checkpoint has a tensor the model does not use."),
+    "model-shape-mismatch": _e("model", "A tensor's shape differs from the model parameter's."),
+    "model-missing-buffer": _w("model", "The model has a persistent buffer the checkpoint lacks (it keeps its initial value)."),
+    "model-not-checked": _w(
+        "model", "The model could not be built from the config (transformers missing, unknown architecture)."
+    ),
+    # the target as a whole (raised)
+    "no-checkpoint": _e("target", "The folder or repo holds no checkpoint (no .safetensors, .bin or index file)."),
+    "ambiguous": _e("target", "The folder or repo holds several checkpoints: pick one with --variant or a file path."),
+    "error": _e("target", "An error of no more specific kind (the base class's code)."),
+    # the Hub (raised)
+    "hub-error": _e("hub", "A Hub repo that cannot be reached or read, for a reason no other code names."),
+    "repo-not-found": _e("hub", "No such repo (or it is private and no token was given)."),
+    "revision-not-found": _e("hub", "The repo has no such branch, tag or commit."),
+    "repo-gated": _e("hub", "The repo is gated: accept its terms on the Hub, then pass a token."),
+    "repo-access-denied": _e("hub", "The token has no access to the repo."),
+    "hub-unreachable": _e("hub", "The Hub endpoint cannot be reached (network, DNS, proxy)."),
+    "hub-offline": _e("hub", "HF_HUB_OFFLINE is set and the files are not in the local cache."),
+    "hub-http-error": _e("hub", "The Hub answered with an HTTP error no other code names."),
+    # arguments (raised)
+    "usage": _e("usage", "A bad argument: an unparsable size, an unknown dtype or format, a destination that cannot be used."),
+    # writing (raised)
+    "write-failed": _e("output", "Writing the output failed (full disk, permissions); nothing was left at the destination."),
+    "verify-failed": _e("output", "The written files do not read back as planned; nothing was left at the destination."),
+    # loading big models (raised)
+    "missing-keys": _e("load", "The model has parameters the checkpoint does not hold (or still on the meta device)."),
+    "unexpected-keys": _e("load", "The checkpoint holds tensors the model has no parameter or buffer for."),
+    "shape-mismatch": _e("load", "A checkpoint tensor's shape differs from the model parameter's."),
+    "offload-missing": _e("load", "The offload folder holds no offload index: load the checkpoint with it first."),
+    "offload-changed": _e(
+        "load", "An offloaded weights file or the source safetensors changed, vanished or was truncated since it was indexed."
+    ),
+    "gpu-oom": _e("load", "A block ran out of GPU memory during the forward; the model stays usable."),
+}
+
+
+def codes_table() -> str:
+    """The README's codes table: one Markdown row per catalogued code, in catalogue order."""
+    rows = ["| Code | Category | Severity | Exit | Meaning |", "|---|---|---|---|---|"]
+    for code, info in CATALOGUE.items():
+        rows.append(f"| `{code}` | {info.category} | {info.severity} | {info.exit_code} | {info.meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 class ShardkitError(Exception):
