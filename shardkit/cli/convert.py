@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .split import local_source, report, write_options
+from .split import _quiet_library_warnings, local_source, report, write_options
 
 
 @click.command("convert")
@@ -28,6 +28,7 @@ def convert_command(
     dry_run,
     as_json,
     quiet,
+    **transforms,
 ) -> None:
     """Convert the checkpoint at SRC (.bin, single or sharded) to safetensors in the folder DST.
 
@@ -37,6 +38,7 @@ def convert_command(
     """
     from ..write import convert
 
+    _quiet_library_warnings()
     src = local_source(
         src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token, quiet=quiet
     )
@@ -51,5 +53,6 @@ def convert_command(
         dry_run=dry_run,
         progress=not quiet and not as_json,
         variant=variant,
+        **transforms,
     )
     report(summary, as_json)

@@ -20,7 +20,52 @@ def write_options(command):
             show_default=True,
             help="Output format: .safetensors files or torch .bin zips.",
         ),
-        click.option("--dtype", help="Cast floating tensors to bf16, fp16 or fp32 (goes through torch one tensor at a time)."),
+        click.option(
+            "--dtype",
+            help="Cast floating tensors to bf16, fp16 or fp32, or 'auto' for config.json's dtype (through torch, one "
+            "tensor at a time). The output config.json states the new dtype.",
+        ),
+        click.option(
+            "--keep-dtype",
+            multiple=True,
+            metavar="PATTERN",
+            help="With --dtype: leave tensors matching this glob (or re:REGEX) in their dtype, e.g. '*norm*'. Repeatable.",
+        ),
+        click.option(
+            "--select",
+            multiple=True,
+            metavar="PATTERN",
+            help="Write only tensors whose name matches this glob (or re:REGEX, searched). Repeatable.",
+        ),
+        click.option(
+            "--drop", multiple=True, metavar="PATTERN", help="Leave out tensors matching this glob (or re:REGEX). Repeatable."
+        ),
+        click.option(
+            "--strip-prefix",
+            multiple=True,
+            metavar="PREFIX",
+            help="Remove this prefix from names that start with it ('_orig_mod.', 'module.'). Repeatable.",
+        ),
+        click.option(
+            "--rename",
+            multiple=True,
+            metavar="REGEX=REPL",
+            help="Rename tensors with re.sub(REGEX, REPL), rules applied in order (after --strip-prefix). Repeatable.",
+        ),
+        click.option(
+            "--dequantize",
+            type=click.Choice(["bf16", "fp16", "fp32"]),
+            help="Dequantize FP8 weights (block scales weight_scale_inv, or weight_scale) to this dtype; drop the scales.",
+        ),
+        click.option(
+            "--experts",
+            type=click.Choice(["packed", "per-expert"]),
+            help="MoE experts as transformers 5's packed 3-D tensors, or one tensor per expert (transformers 4).",
+        ),
+        click.option("--untie", is_flag=True, help="Write tied (shared) tensors as a real copy under every name."),
+        click.option(
+            "--tie", is_flag=True, help="Drop a head identical to the input embeddings where config.json says they are tied."
+        ),
         click.option("--variant", help="Pick model.<VARIANT>.safetensors and friends in a SRC folder or repo."),
         click.option(
             "--overwrite", is_flag=True, help="Replace the checkpoint in a non-empty DST (its stale shards are removed)."
@@ -61,6 +106,7 @@ def split_command(
     dry_run,
     as_json,
     quiet,
+    **transforms,
 ) -> None:
     """Reshard the checkpoint at SRC into the folder DST, packed like huggingface_hub in key order.
 
@@ -70,6 +116,7 @@ def split_command(
     """
     from ..write import split
 
+    _quiet_library_warnings()
     src = local_source(
         src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token, quiet=quiet
     )
@@ -84,8 +131,18 @@ def split_command(
         dry_run=dry_run,
         progress=not quiet and not as_json,
         variant=variant,
+        **transforms,
     )
     report(summary, as_json)
+
+
+def _quiet_library_warnings() -> None:
+    """The CLI prints the transforms' warnings itself (one line each, from the summary)."""
+    import warnings
+
+    from ..write.transforms import TransformWarning
+
+    warnings.simplefilter("ignore", TransformWarning)
 
 
 def local_source(src: str, *, revision, subfolder, variant, repo_type, token, quiet: bool) -> str:
@@ -107,9 +164,17 @@ def local_source(src: str, *, revision, subfolder, variant, repo_type, token, qu
 
 def report(summary: WriteSummary, as_json: bool) -> None:
     """Print a summary: JSON, or a short human form."""
+    for warning in summary.warnings:
+        click.echo(f"shardkit: warning: {warning}", err=True)
     if as_json:
         emit_json(summary.to_dict())
         return
+    if summary.dry_run and summary.mapping:
+        for row in summary.mapping:
+            sources = row["from"]
+            old = sources[0] if len(sources) == 1 else f"{sources[0]} (+{len(sources) - 1} more)"
+            how = "" if row["how"] == "copy" else f"  [{row['how']}]"
+            click.echo(f"{old} -> {row['to']}{how}")
     verb = "would write" if summary.dry_run else "wrote"
     click.echo(
         f"{verb} {summary.destination} ({summary.format}, {len(summary.files)} file(s), "

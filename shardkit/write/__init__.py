@@ -10,7 +10,7 @@ import errno
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..dtypes import parse_dtype
@@ -18,8 +18,10 @@ from ..errors import OutputError, UsageError
 from ..reader import open_checkpoint
 from ..table import Checkpoint
 from ..units import parse_size
+from .byteio import write_all
 from .plan import Plan, plan_convert, plan_split
 from .staging import Staging, check_destination, refuse_inside
+from .transforms import ExpertLayout, Transformed, Transforms, read_config, transform
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -40,6 +42,9 @@ class WriteSummary:
     names: int = 0  # names in the output, dropped aliases excluded
     total_size: int = 0  # tensor bytes: the index's metadata.total_size
     dropped: dict[str, str] = field(default_factory=dict)  # aliases recorded in metadata, not stored
+    #: with transforms: ``[{"from": [source names], "to": output name, "how": ...}]`` (``--dry-run`` prints it)
+    mapping: list[dict] | None = None
+    warnings: list[str] = field(default_factory=list)
     materialized: int = 0  # tensors that went through torch (casts, views, legacy files)
     verified: bool = False
     dry_run: bool = False
@@ -60,9 +65,24 @@ def split(
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    select=(),
+    drop=(),
+    rename=(),
+    strip_prefix=(),
+    keep_dtype=(),
+    dequantize: str | None = None,
+    experts: ExpertLayout | None = None,
+    tie: bool = False,
+    untie: bool = False,
     variant: str | None = None,
 ) -> WriteSummary:
-    """Reshard the checkpoint at ``src`` into ``dst`` with shards of at most ``max_shard_size`` (see :func:`run_split`)."""
+    """Reshard the checkpoint at ``src`` into ``dst`` with shards of at most ``max_shard_size`` (see :func:`run_split`).
+
+    Transforms (see :mod:`shardkit.write.transforms`): ``select``/``drop`` (glob or ``re:`` patterns),
+    ``rename`` (``REGEX=REPLACEMENT`` rules in order), ``strip_prefix``, ``dtype`` (or ``"auto"``) with
+    ``keep_dtype`` patterns, ``dequantize`` (block-FP8 to bf16/fp16/fp32), ``experts`` (``"packed"`` or
+    ``"per-expert"``), ``tie``/``untie``.
+    """
     return run_split(
         open_checkpoint(src, variant=variant),
         dst,
@@ -73,6 +93,15 @@ def split(
         verify=verify,
         dry_run=dry_run,
         progress=progress,
+        select=select,
+        drop=drop,
+        rename=rename,
+        strip_prefix=strip_prefix,
+        keep_dtype=keep_dtype,
+        dequantize=dequantize,
+        experts=experts,
+        tie=tie,
+        untie=untie,
     )
 
 
@@ -87,6 +116,15 @@ def convert(
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    select=(),
+    drop=(),
+    rename=(),
+    strip_prefix=(),
+    keep_dtype=(),
+    dequantize: str | None = None,
+    experts: ExpertLayout | None = None,
+    tie: bool = False,
+    untie: bool = False,
     variant: str | None = None,
 ) -> WriteSummary:
     """Convert the checkpoint at ``src`` (typically ``.bin``) to ``format`` in ``dst`` (see :func:`run_convert`)."""
@@ -100,6 +138,15 @@ def convert(
         verify=verify,
         dry_run=dry_run,
         progress=progress,
+        select=select,
+        drop=drop,
+        rename=rename,
+        strip_prefix=strip_prefix,
+        keep_dtype=keep_dtype,
+        dequantize=dequantize,
+        experts=experts,
+        tie=tie,
+        untie=untie,
     )
 
 
@@ -110,15 +157,20 @@ def run_split(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     format: str = "safetensors",
     dtype: str | None = None,
+    transforms: Transforms | None = None,
+    config: dict | None = None,
     **options,
 ) -> WriteSummary:
     """Repack ``checkpoint`` into ``dst`` the way huggingface_hub shards (next-fit in key order).
 
-    ``dtype`` casts floating tensors (``bf16``, ``fp16``, ``fp32``…). ``options``: ``overwrite``, ``verify``,
+    ``dtype`` casts floating tensors (``bf16``, ``fp16``, ``fp32``…, or ``auto`` from config.json).
+    ``transforms`` (or their keyword arguments, see :func:`split`) map names and layouts first; ``config`` is the
+    parsed config.json (default: the one beside the checkpoint). ``options``: ``overwrite``, ``verify``,
     ``dry_run``, ``progress`` (see :func:`write`).
     """
-    plan = plan_split(checkpoint, parse_size(max_shard_size), format, _dtype(dtype))
-    return write(checkpoint, plan, dst, **options)
+    transformed, casts, options = _transform(checkpoint, dtype, transforms, config, options)
+    plan = plan_split(transformed.checkpoint, parse_size(max_shard_size), format, casts)
+    return write(checkpoint, plan, dst, transformed=transformed, **options)
 
 
 def run_convert(
@@ -128,12 +180,43 @@ def run_convert(
     max_shard_size: int | str | None = None,
     format: str = "safetensors",
     dtype: str | None = None,
+    transforms: Transforms | None = None,
+    config: dict | None = None,
     **options,
 ) -> WriteSummary:
     """Rewrite ``checkpoint`` in ``format`` keeping its file layout, or repacked when ``max_shard_size`` is given."""
     if max_shard_size is not None:
-        return run_split(checkpoint, dst, max_shard_size=max_shard_size, format=format, dtype=dtype, **options)
-    return write(checkpoint, plan_convert(checkpoint, format, _dtype(dtype)), dst, **options)
+        return run_split(
+            checkpoint,
+            dst,
+            max_shard_size=max_shard_size,
+            format=format,
+            dtype=dtype,
+            transforms=transforms,
+            config=config,
+            **options,
+        )
+    transformed, casts, options = _transform(checkpoint, dtype, transforms, config, options)
+    return write(checkpoint, plan_convert(transformed.checkpoint, format, casts), dst, transformed=transformed, **options)
+
+
+_TRANSFORM_KEYS = ("select", "drop", "rename", "strip_prefix", "keep_dtype", "dequantize", "experts", "tie", "untie")
+
+
+def _transform(checkpoint: Checkpoint, dtype, transforms, config, options: dict):
+    """The transformed table, the casts for the planner, and the remaining write options."""
+    given = {key: options.pop(key) for key in _TRANSFORM_KEYS if key in options}
+    if transforms is None:
+        transforms = Transforms.of(**given)
+    elif any(given.values()):
+        raise UsageError("pass transforms either as Transforms or as keyword arguments, not both", code="bad-option")
+    if dtype is not None and dtype != "auto":
+        _dtype(dtype)  # the plain-cast error message
+    transforms = replace(transforms, dtype=dtype if dtype is not None else transforms.dtype)
+    if config is None:
+        config = read_config(checkpoint)
+    transformed = transform(checkpoint, transforms, config)
+    return transformed, transformed.dtypes, options
 
 
 def write(
@@ -145,6 +228,7 @@ def write(
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    transformed: Transformed | None = None,
 ) -> WriteSummary:
     """Carry out ``plan`` into the folder ``dst``, atomically.
 
@@ -158,6 +242,9 @@ def write(
     dst = os.path.abspath(os.fspath(dst))
     refuse_inside(dst, checkpoint.source, [info.path for info in checkpoint.files])
     summary = _summary(checkpoint, plan, dst)
+    if transformed is not None and transformed.listed:
+        summary.mapping = transformed.mapping()
+        summary.warnings = list(transformed.warnings)
     if dry_run:
         check_destination(Path(dst), overwrite)
         summary.dry_run = True
@@ -172,6 +259,8 @@ def write(
         with Staging(dst, overwrite=overwrite) as staging, Sources() as sources:
             folder = str(staging.folder)
             written = write_plan(plan, folder, sources, bar.update if bar else lambda n: None, after_file=_stall_hook())
+            if transformed is not None and transformed.config is not None:
+                _write_config(folder, transformed.config)
             if verify:
                 verify_plan(plan, folder, sources, bar.update if bar else lambda n: None)
             staging.commit()
@@ -185,6 +274,20 @@ def write(
     summary.verified = verify
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _write_config(folder: str, config: dict) -> None:
+    """The config.json a transform changed (new dtype, no quantization_config), written like transformers does."""
+    import json
+
+    data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    path = os.path.join(folder, "config.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _summary(checkpoint: Checkpoint, plan: Plan, dst: str) -> WriteSummary:

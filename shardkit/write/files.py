@@ -19,6 +19,7 @@ from ..errors import CheckpointError
 from ..formats.safetensors import build_header
 from ..formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
 from .byteio import Writeback, copy_buffered, copy_range, write_all
+from .derived import ComputedEntry, Reader, byte_ranges
 from .plan import Plan, PlannedFile, PlannedTensor, safetensors_order
 
 Progress = Callable[[int], None]
@@ -124,18 +125,20 @@ def write_safetensors(path: str, planned: PlannedFile, metadata: dict | None, so
             run.clear()
 
         for tensor in tensors:
-            source = tensor.source
             if tensor.materialize:
                 flush()
                 _write_materialized(fd, position, tensor, sources)
                 writeback.advance(position + tensor.nbytes)
                 progress(tensor.nbytes)
-            elif run and run[0] == source.file and run[2] == source.offset:
-                run[2] += tensor.nbytes
-            else:
-                flush()
-                run[:] = [source.file, source.offset, source.offset + tensor.nbytes, position]
-            position += tensor.nbytes
+                position += tensor.nbytes
+                continue
+            for file, offset, nbytes in byte_ranges(tensor.source):
+                if run and run[0] == file and run[2] == offset:
+                    run[2] += nbytes
+                else:
+                    flush()
+                    run[:] = [file, offset, offset + nbytes, position]
+                position += nbytes
         flush()
         os.ftruncate(fd, position)
         return position
@@ -162,13 +165,13 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
             if tensor.materialize:
                 crc = _write_materialized(fd, offset, tensor, sources)
             else:  # through the buffer: the zip needs each record's CRC-32
-                source, crc = tensor.source, 0
-                for piece in range(0, tensor.nbytes, Writeback.STEP):
-                    count = min(Writeback.STEP, tensor.nbytes - piece)
-                    crc = copy_buffered(
-                        sources.fd(source.file), source.offset + piece, fd, offset + piece, count, source.file, crc=crc
-                    )
-                    writeback.advance(offset + piece + count)
+                crc, position = 0, offset
+                for file, start, nbytes in byte_ranges(tensor.source):
+                    for piece in range(0, nbytes, Writeback.STEP):
+                        count = min(Writeback.STEP, nbytes - piece)
+                        crc = copy_buffered(sources.fd(file), start + piece, fd, position, count, file, crc=crc)
+                        position += count
+                        writeback.advance(position)
             archive.end(crc)
             progress(tensor.nbytes)
         archive.add("version", b"3\n")
@@ -183,21 +186,30 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
 def materialize(tensor: PlannedTensor, sources: Sources):
     """The torch tensor for ``tensor`` in its output dtype, C-contiguous (imports torch)."""
     from ..dtypes import torch_dtype
-    from ..materialize import load_tensor
 
     _return_large_blocks()
     source = tensor.source
-    handle = None
-    if source.offset is not None or source.storage is not None:
-        handle = os.fdopen(os.dup(sources.fd(source.file)), "rb", buffering=0)
-    try:
-        value = load_tensor(source, handle)
-    finally:
-        if handle is not None:
-            handle.close()
+    if isinstance(source, ComputedEntry):
+        import torch
+
+        data = bytearray()
+        for chunk in source.recipe.chunks(Reader(sources.fd), tensor.dtype):
+            data += chunk
+        return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype(tensor.dtype)).reshape(tensor.shape)
+    value = Reader(sources.fd).tensor(source)
     if tensor.dtype != source.dtype:
         value = value.to(torch_dtype(tensor.dtype))
     return value.contiguous()
+
+
+def materialized_chunks(tensor: PlannedTensor, sources: Sources):
+    """The output bytes of ``tensor`` in bounded chunks: a computed tensor's recipe chunks, else the whole tensor."""
+    if isinstance(tensor.source, ComputedEntry):
+        _return_large_blocks()
+        yield from tensor.source.recipe.chunks(Reader(sources.fd), tensor.dtype)
+    else:
+        value = materialize(tensor, sources)
+        yield tensor_bytes(value)
 
 
 def tensor_bytes(value) -> memoryview:
@@ -209,7 +221,18 @@ def tensor_bytes(value) -> memoryview:
 
 
 def _write_materialized(fd: int, offset: int, tensor: PlannedTensor, sources: Sources) -> int:
-    """Materialize ``tensor``, write its bytes at ``offset`` and return their CRC-32."""
+    """Materialize ``tensor``, write its bytes at ``offset`` and return their CRC-32.
+
+    A computed tensor is written chunk by chunk as its recipe yields them, never whole."""
+    if isinstance(tensor.source, ComputedEntry):
+        crc, position = 0, offset
+        for chunk in materialized_chunks(tensor, sources):
+            write_all(fd, chunk, position)
+            crc = zlib.crc32(chunk, crc)
+            position += len(chunk)
+        if position - offset != tensor.nbytes:
+            raise AssertionError(f"{tensor.name}: computed {position - offset} bytes, planned {tensor.nbytes}")
+        return crc
     value = materialize(tensor, sources)
     data = tensor_bytes(value)
     if len(data) != tensor.nbytes:

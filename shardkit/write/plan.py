@@ -7,13 +7,14 @@ file assignment for the same state dict, so a checkpoint resharded by shardkit m
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..dtypes import DTYPE_BITS, FLOATING, SAFETENSORS_DTYPES, TORCH_NAMES, nbytes_of
 from ..errors import UsageError
 from ..naming import index_file_name, shard_file_name, single_file_name
 from ..table import Checkpoint, TensorEntry
+from .derived import byte_ranges
 
 #: dtype -> rank in the safetensors writer's dtype order (declaration order of its ``Dtype`` enum, which the
 #: reference writer sorts on, largest alignment first).
@@ -35,9 +36,9 @@ class PlannedTensor:
 
     @property
     def materialize(self) -> bool:
-        """Whether the bytes cannot be copied as they are (a cast, a non-contiguous view, a legacy file) and the
-        tensor must go through torch."""
-        return self.source.offset is None or self.dtype != self.source.dtype
+        """Whether the bytes cannot be copied as they are (a cast, a non-contiguous view, a legacy file, a computed
+        tensor) and the tensor must go through torch."""
+        return self.dtype != self.source.dtype or byte_ranges(self.source) is None
 
 
 @dataclass(slots=True)
@@ -121,10 +122,17 @@ def pack(items: Iterable[tuple[str, Hashable, int]], max_size: int) -> list[list
     return shards
 
 
-def output_tensor(entry: TensorEntry, fmt: str, dtype: str | None) -> PlannedTensor:
-    """How ``entry`` is written in ``fmt``, cast to ``dtype`` if it is a floating tensor of another type."""
+#: A cast: one dtype for every floating tensor, or ``{name: dtype}`` for the tensors that change (from transforms).
+Casts = str | Mapping[str, str] | None
+
+
+def output_tensor(entry: TensorEntry, fmt: str, dtype: Casts) -> PlannedTensor:
+    """How ``entry`` is written in ``fmt``, cast to ``dtype`` if it is a floating tensor of another type (a mapping
+    gives the dtype of each tensor that changes)."""
     out = entry.dtype
-    if dtype is not None and entry.dtype in FLOATING and entry.dtype in TORCH_NAMES:
+    if isinstance(dtype, Mapping):
+        out = dtype.get(entry.name, out)
+    elif dtype is not None and entry.dtype in FLOATING and entry.dtype in TORCH_NAMES:
         out = dtype
     allowed = SAFETENSORS_DTYPES if fmt == "safetensors" else BIN_DTYPES
     if out not in allowed:
@@ -135,7 +143,7 @@ def output_tensor(entry: TensorEntry, fmt: str, dtype: str | None) -> PlannedTen
     return PlannedTensor(name=entry.name, dtype=out, shape=entry.shape, nbytes=nbytes, source=entry)
 
 
-def plan_split(checkpoint: Checkpoint, max_shard_size: int, fmt: str = "safetensors", dtype: str | None = None) -> Plan:
+def plan_split(checkpoint: Checkpoint, max_shard_size: int, fmt: str = "safetensors", dtype: Casts = None) -> Plan:
     """Repack ``checkpoint`` into shards of at most ``max_shard_size`` bytes (a larger tensor gets its own).
 
     Safetensors output keeps one copy of each shared tensor (the name the reader kept, which for torch files is
@@ -154,7 +162,7 @@ def plan_split(checkpoint: Checkpoint, max_shard_size: int, fmt: str = "safetens
     return _assemble(pack(items, max_shard_size), stored, owner, fmt)
 
 
-def plan_convert(checkpoint: Checkpoint, fmt: str = "safetensors", dtype: str | None = None) -> Plan:
+def plan_convert(checkpoint: Checkpoint, fmt: str = "safetensors", dtype: Casts = None) -> Plan:
     """Keep ``checkpoint``'s file layout: the ``i``-th source file becomes the ``i``-th output file, named for ``fmt``.
 
     Shared tensors are handled as in :func:`plan_split`; a name declared as an alias in metadata goes to the file

@@ -73,6 +73,8 @@ def _keep_other_files(dst: Path, folder: Path) -> None:
         if _LAYOUT_RE.match(path.name):
             continue
         target = folder / path.name
+        if target.exists() or target.is_symlink():
+            continue  # written by this run (a transformed config.json): the new one wins
         if path.is_symlink():
             os.symlink(os.readlink(path), target)
         elif path.is_dir():

@@ -13,7 +13,8 @@ import os
 from ..errors import OutputError
 from ..formats import open_file
 from .byteio import BUFFER_SIZE, same_bytes
-from .files import Sources, materialize, tensor_bytes
+from .derived import byte_ranges
+from .files import Sources, materialized_chunks
 from .plan import Plan
 
 
@@ -48,13 +49,16 @@ def verify_plan(plan: Plan, folder: str, sources: Sources, progress=lambda n: No
                         f"{list(tensor.shape)}",
                     )
                 if tensor.materialize:
-                    value = materialize(tensor, sources)  # kept alive while its bytes are compared
-                    equal = _equals_file(tensor_bytes(value), out_fd, entry.offset)
+                    # The transform is recomputed from the source, one chunk at a time for computed tensors.
+                    position, equal = entry.offset, True
+                    for chunk in materialized_chunks(tensor, sources):
+                        equal = equal and _equals_file(chunk, out_fd, position)
+                        position += len(chunk)
                 else:
-                    source = tensor.source
-                    equal = same_bytes(
-                        sources.fd(source.file), source.offset, out_fd, entry.offset, tensor.nbytes, source.file, path
-                    )
+                    position, equal = entry.offset, True
+                    for file, start, nbytes in byte_ranges(tensor.source):
+                        equal = equal and same_bytes(sources.fd(file), start, out_fd, position, nbytes, file, path)
+                        position += nbytes
                 if not equal:
                     _fail(
                         planned.name, f"tensor {tensor.name!r} differs from its source in {os.path.basename(tensor.source.file)}"
@@ -64,8 +68,9 @@ def verify_plan(plan: Plan, folder: str, sources: Sources, progress=lambda n: No
             os.close(out_fd)
 
 
-def _equals_file(data: memoryview, fd: int, offset: int) -> bool:
+def _equals_file(data, fd: int, offset: int) -> bool:
     """Whether the file holds ``data`` at ``offset``, read one buffer at a time."""
+    data = memoryview(data).cast("B")
     for start in range(0, len(data), BUFFER_SIZE):
         chunk = data[start : start + BUFFER_SIZE]
         if os.pread(fd, len(chunk), offset + start) != chunk.tobytes():
