@@ -151,6 +151,12 @@ CATALOGUE: dict[str, CodeInfo] = {
     "hub-http-error": _e("hub", "The Hub answered with an HTTP error no other code names."),
     # arguments (raised)
     "usage": _e("usage", "A bad argument: an unparsable size, an unknown dtype or format, a destination that cannot be used."),
+    # transforms while resharding (raised)
+    "bad-option": _e("usage", "Transform options that cannot be combined or a value they do not take (--tie with --untie)."),
+    "bad-pattern": _e("usage", "A malformed --select/--drop/--keep-dtype pattern, --rename rule or --strip-prefix."),
+    "key-collision": _e("usage", "Key mapping sends two source tensors to one output name (both are named)."),
+    "nothing-selected": _e("usage", "--select/--drop leave no tensor to write."),
+    "no-config": _e("usage", "A transform needs the config.json beside the source (--dtype auto), which is missing or silent."),
     # writing (raised)
     "write-failed": _e("output", "Writing the output failed (full disk, permissions); nothing was left at the destination."),
     "verify-failed": _e("output", "The written files do not read back as planned; nothing was left at the destination."),
