@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, UsageError
+from ..units import parse_size
 from . import slab
 from .devicemap import (
     block_module,
@@ -20,6 +21,7 @@ from .devicemap import (
 from .devicemap import (
     main_device as map_main_device,
 )
+from .experts import ExpertCache, layout_for
 from .hooks import Block, Hook, Streamer
 from .loader import load_checkpoint_in_model
 from .offload import INDEX_NAME, OffloadStore, OffloadWriter, stamp
@@ -73,6 +75,8 @@ def dispatch_model(
     skip_keys=None,
     preload_module_classes=None,
     force_hooks: bool = False,
+    routed_experts: bool = True,
+    expert_cache: int | str | None = None,
 ):
     """Place ``model`` per ``device_map`` and attach one hook per placed block; returns the model.
 
@@ -83,6 +87,10 @@ def dispatch_model(
     earlier load offloaded into (or where weights of disk blocks are written now, if the model holds them);
     ``offload_index`` is an :class:`~shardkit.bigmodel.offload.OffloadStore`. ``preload_module_classes`` is
     accepted for compatibility: a whole block is always staged before its forward.
+
+    Mixture of experts: an offloaded block that is a transformers 5 experts module stages only the experts its
+    router chose (``routed_experts=False`` stages it whole); ``expert_cache`` (bytes, or a size such as
+    ``"8GB"``) keeps recently used experts on the execution device (see :mod:`shardkit.bigmodel.experts`).
     """
     check_device_map(model, device_map)
     remove_hooks(model)
@@ -101,7 +109,14 @@ def dispatch_model(
     groups = _group_by_block(model, device_map, modules)
     blocks, store = _build_blocks(groups, modules, options, store, state_dict, getattr(model, "_shardkit_host", None) or {})
     offloaded = [b for b in blocks if b.tier != "resident"]
+    if routed_experts:
+        for block in offloaded:
+            block.experts = layout_for(block)
     streamer = Streamer(options.main_device, offloaded, store) if offloaded else None
+    routed = [b for b in offloaded if b.experts is not None]
+    if streamer is not None and routed and expert_cache:
+        budget = parse_size(expert_cache) if isinstance(expert_cache, str) else int(expert_cache)
+        streamer.expert_cache = ExpertCache(options.main_device, budget, max(b.experts.expert_bytes for b in routed))
     for block in blocks:
         Hook(block.module, block.device, block, streamer, io_same_device=block.name == "", skip_keys=options.skip_keys).attach()
     if "" not in groups:
@@ -311,6 +326,8 @@ def load_checkpoint_and_dispatch(
     preload_module_classes=None,
     force_hooks: bool = False,
     strict: bool = False,
+    routed_experts: bool = True,
+    expert_cache: int | str | None = None,
 ):
     """Plan (for a string ``device_map``), stream the checkpoint in, and dispatch: accelerate's one-call workflow.
 
@@ -338,6 +355,8 @@ def load_checkpoint_and_dispatch(
         skip_keys=skip_keys,
         preload_module_classes=preload_module_classes,
         force_hooks=force_hooks,
+        routed_experts=routed_experts,
+        expert_cache=expert_cache,
     )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ShardkitError
 from . import slab
+from .experts import routed_forward
 from .readahead import PARALLEL_PIECE, PARALLEL_THREADS
 
 
@@ -43,6 +44,7 @@ class Block:
     runs: list = field(default_factory=list)  # disk tier: (file, file offset, slab offset, nbytes)
     rest: list = field(default_factory=list)  # tensors installed between forwards
     staged: list = field(default_factory=list)  # per ring slot: tensors installed during the forward
+    experts: object = None  # experts.ExpertLayout when only the routed experts are staged (mixture of experts)
 
     def install(self, tensors) -> None:
         for (module, attr, is_param, _), tensor in zip(self.places, tensors):
@@ -68,6 +70,7 @@ class Streamer:
         self.next = {a: b for a, b in zip(blocks, blocks[1:] + blocks[:1]) if a is not b}
         self.last: Block | None = None
         self.current = self.RING - 1
+        self.expert_cache = None  # experts.ExpertCache, when routed experts are cached on the execution device
         for block in blocks:
             block.staged = [
                 [_wrap(slab.view(s, block.slots[name]), is_param) for (_, _, is_param, name) in block.places] for s in self.slabs
@@ -121,8 +124,8 @@ class Streamer:
                 break
             due.append(block)
         for count, block in enumerate(due, 1):
-            if block in self.owner:
-                continue
+            if block in self.owner or block.experts is not None:
+                continue  # a routed experts block is staged only once its router has chosen
             # a slab may take ``block`` if nothing reads it and it holds no block due sooner (or ``block`` itself)
             idle = [i for i in range(self.RING) if not self.busy[i] and self.owner[i] not in due[:count]]
             if not idle:
@@ -254,6 +257,13 @@ class Hook:
             del self.module._shardkit_hook
 
     def forward(self, *args, **kwargs):
+        block = self.block
+        if block is not None and block.experts is not None and block.tier != "resident":
+            return routed_forward(self, args, kwargs)
+        return self.run_staged(args, kwargs)
+
+    def run_staged(self, args, kwargs):
+        """Stage the whole block (if offloaded), move the inputs, run, and put the tensors at rest back."""
         caller = first_device(args, kwargs) if self.io_same_device else None
         slot = None
         block = self.block
@@ -266,7 +276,19 @@ class Hook:
             if self.device is not None:
                 args = move(args, self.device)
                 kwargs = move(kwargs, self.device, self.skip)
-            output = self.original(*args, **kwargs)
+            output = self.call(args, kwargs)
+        finally:
+            if slot is not None:
+                block.install(block.rest)
+                self.streamer.release(block, slot)
+        if caller is not None:
+            output = move(output, caller)
+        return output
+
+    def call(self, args, kwargs):
+        """The wrapped forward, with a GPU out-of-memory error turned into one that names the block."""
+        try:
+            return self.original(*args, **kwargs)
         except torch.OutOfMemoryError as exc:
             if isinstance(exc, OutOfMemoryError):
                 raise
@@ -275,10 +297,3 @@ class Hook:
                 f"out of GPU memory in block {where or '(root)'} on {self.device}: the device map leaves too little room for "
                 "activations; pass a smaller max_memory for that GPU (or fewer tokens per forward)"
             ) from exc
-        finally:
-            if slot is not None:
-                block.install(block.rest)
-                self.streamer.release(block, slot)
-        if caller is not None:
-            output = move(output, caller)
-        return output

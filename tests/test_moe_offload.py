@@ -1,0 +1,224 @@
+"""Mixture-of-experts offloading: only the experts the router chose are staged, and outputs stay bitwise equal.
+
+On a CPU machine the disk tier runs the routed path synchronously (reads of the chosen experts' byte ranges
+straight from the safetensors file); the CPU-tier copy path is exercised through the streamer directly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from shardkit import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
+from shardkit.bigmodel import experts as experts_mod  # noqa: E402
+from shardkit.bigmodel.experts import ExpertCache, layout_for, stage_experts  # noqa: E402
+from shardkit.bigmodel.hooks import Block, Streamer  # noqa: E402
+from shardkit.bigmodel.offload import OffloadStore  # noqa: E402
+
+LAYERS = 2
+EXPERTS = 8
+
+
+def qwen3_moe():
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=EXPERTS,
+        num_experts_per_tok=2,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+    )
+    return config, transformers.Qwen3MoeForCausalLM, "mlp"
+
+
+def mixtral():
+    config = transformers.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=48,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=2,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+    )
+    return config, transformers.MixtralForCausalLM, "mlp"
+
+
+def experts_map(mlp: str) -> dict:
+    """Everything on the CPU (the execution device here) but each layer's experts, on disk."""
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    for i in range(LAYERS):
+        for part in ("self_attn", "input_layernorm", "post_attention_layernorm", f"{mlp}.gate"):
+            device_map[f"model.layers.{i}.{part}"] = "cpu"
+        device_map[f"model.layers.{i}.{mlp}.experts"] = "disk"
+    return device_map
+
+
+@pytest.fixture(params=[qwen3_moe, mixtral], ids=["qwen3_moe", "mixtral"])
+def moe(request, tmp_path):
+    config, cls, mlp = request.param()
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    return model, cls, config, mlp, tmp_path
+
+
+def dispatched(moe, **kwargs):
+    model, cls, config, mlp, folder = moe
+    with init_empty_weights():
+        empty = cls(config).eval()
+    empty.config._experts_implementation = model.config._experts_implementation
+    return load_checkpoint_and_dispatch(empty, folder, device_map=experts_map(mlp), offload_folder=folder / "offload", **kwargs)
+
+
+def hook_block(model, layer: int, mlp: str):
+    return getattr(model.model.layers[layer], mlp).experts._shardkit_hook.block
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_routed_outputs_are_bitwise_the_dense_ones(moe, implementation):
+    model, _, _, mlp, _ = moe
+    model.config._experts_implementation = implementation
+    offloaded = dispatched(moe)
+    torch.manual_seed(1)
+    for shape in [(1, 1), (1, 6), (2, 3)]:
+        tokens = torch.randint(0, 100, shape)
+        assert torch.equal(offloaded(tokens).logits, model(tokens).logits), shape
+    stats = hook_block(offloaded, 0, mlp).experts.stats
+    assert stats["routed"] == 3 and stats["dense"] == 0
+
+
+def test_reads_only_the_chosen_experts(moe, monkeypatch):
+    model, _, _, mlp, _ = moe
+    offloaded = dispatched(moe)
+    read = []
+    original = OffloadStore.read_into
+    monkeypatch.setattr(
+        OffloadStore,
+        "read_into",
+        lambda self, path, offset, dest: (read.append(len(dest)), original(self, path, offset, dest))[1],
+    )
+    tokens = torch.tensor([[7]])
+    assert torch.equal(offloaded(tokens).logits, model(tokens).logits)
+    block = hook_block(offloaded, 0, mlp)
+    per_expert = sum(block.experts.per_expert.values())
+    # one token routes to top-2 experts in each layer: two experts' bytes per layer, not the whole block
+    assert sum(read) == LAYERS * 2 * per_expert
+    assert sum(read) < block.nbytes
+
+
+def test_long_prefill_falls_back_to_the_whole_block(moe):
+    model, _, _, mlp, _ = moe
+    offloaded = dispatched(moe)
+    tokens = torch.randint(0, 100, (4, 64))  # routes to every expert
+    assert torch.equal(offloaded(tokens).logits, model(tokens).logits)
+    stats = hook_block(offloaded, 0, mlp).experts.stats
+    assert stats == {"forwards": 1, "routed": 0, "dense": 1, "experts": 0}
+
+
+def test_expert_cache_hits_cost_no_read(moe, monkeypatch):
+    model, _, _, mlp, _ = moe
+    offloaded = dispatched(moe, expert_cache=64 * 1024 * 1024)
+    cache = offloaded._shardkit_streamer.expert_cache
+    assert cache.capacity >= LAYERS * EXPERTS
+    tokens = torch.tensor([[3, 5]])
+    first = offloaded(tokens).logits
+    reads = []
+    monkeypatch.setattr(OffloadStore, "read_into", lambda *a: reads.append(a))
+    second = offloaded(tokens).logits  # the same tokens route to the same experts: all hits
+    assert reads == []
+    assert torch.equal(first, model(tokens).logits) and torch.equal(second, first)
+    stats = cache.stats()
+    assert stats["hits"] == stats["misses"] > 0 and stats["hit_rate"] == 0.5
+
+
+def test_small_cache_evicts_least_recently_used_and_stays_exact(moe):
+    model, _, _, mlp, _ = moe
+    block_bytes = None
+    offloaded = dispatched(moe, expert_cache=1)  # too small for one expert: no slots
+    assert offloaded._shardkit_streamer.expert_cache.capacity == 0
+    block_bytes = hook_block(offloaded, 0, mlp).experts.expert_bytes
+    offloaded = dispatched(moe, expert_cache=3 * block_bytes)
+    torch.manual_seed(2)
+    for _ in range(4):
+        tokens = torch.randint(0, 100, (1, 3))
+        assert torch.equal(offloaded(tokens).logits, model(tokens).logits)
+    cache = offloaded._shardkit_streamer.expert_cache
+    assert cache.capacity == 3 and len(cache.entries) == 3
+
+
+def test_generate_gives_the_same_tokens(moe):
+    model, _, _, _, _ = moe
+    offloaded = dispatched(moe, expert_cache="1MB")
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(offloaded.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_routed_experts_off_streams_whole_blocks(moe):
+    model, _, _, mlp, _ = moe
+    offloaded = dispatched(moe, routed_experts=False)
+    assert hook_block(offloaded, 0, mlp).experts is None
+    tokens = torch.tensor([[9]])
+    assert torch.equal(offloaded(tokens).logits, model(tokens).logits)
+
+
+class OldStyleExperts(torch.nn.Module):
+    """Expert weights in 3-D tensors but a forward without the router's choice: not routable."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts = 4
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 6, 3))
+
+    def forward(self, x):
+        return x @ self.gate_up_proj.sum(0)[:3]
+
+
+def test_module_without_the_interface_is_dense_with_one_info_line(caplog):
+    module = OldStyleExperts()
+    block = Block("layers.0.experts", module, torch.device("cpu"), "cpu")
+    block.slots = {"gate_up_proj": experts_mod.slab.layout([("gate_up_proj", torch.float32, (4, 6, 3))])[0]["gate_up_proj"]}
+    with caplog.at_level(logging.INFO, logger="shardkit.bigmodel.experts"):
+        assert layout_for(block) is None
+    assert "transformers 5 experts interface" in caplog.text and "layers.0.experts" in caplog.text
+
+
+def test_cpu_tier_copies_only_chosen_slices_into_a_compact_slab():
+    """The host-to-device path (CPU tier) on a CPU 'device': compact tensors are exactly the chosen slices."""
+    config, cls, mlp = qwen3_moe()
+    torch.manual_seed(0)
+    module = getattr(cls(config).model.layers[0], mlp).experts
+    specs = [(n, p.dtype, tuple(p.shape)) for n, p in module.named_parameters()]
+    slots, nbytes = experts_mod.slab.layout(specs)
+    block = Block("experts", module, torch.device("cpu"), "cpu", slots=slots, nbytes=nbytes)
+    block.places = [(module, n, True, n) for n, _ in module.named_parameters()]
+    block.host = torch.empty(nbytes, dtype=torch.uint8)
+    originals = {n: p.detach().clone() for n, p in module.named_parameters()}
+    for n, p in originals.items():
+        experts_mod.slab.view(block.host, slots[n]).copy_(p)
+    block.experts = layout_for(block)
+    streamer = Streamer(torch.device("cpu"), [block])
+    streamer.expert_cache = ExpertCache(torch.device("cpu"), 2 * block.experts.expert_bytes, block.experts.expert_bytes)
+    for chosen in ([1, 2, 6], [2, 6, 7], [0]):
+        slot, tensors = stage_experts(streamer, block, chosen)
+        for (_, name, _, _), tensor in zip(block.places, tensors):
+            assert torch.equal(tensor, originals[name][chosen]), (chosen, name)
+        streamer.release(block, slot)
+    cache = streamer.expert_cache
+    # Two slots: round 1 caches experts 1 and 2 (6 finds every slot kept for this round); round 2 hits 2 and
+    # caches 6 in place of 1; round 3 misses 0 and evicts 2, the least recently used.
+    assert (cache.hits, cache.misses) == (1, 6)
+    assert set(cache.entries) == {("experts", 6), ("experts", 0)}
