@@ -222,3 +222,58 @@ def test_cpu_tier_copies_only_chosen_slices_into_a_compact_slab():
     # caches 6 in place of 1; round 3 misses 0 and evicts 2, the least recently used.
     assert (cache.hits, cache.misses) == (1, 6)
     assert set(cache.entries) == {("experts", 6), ("experts", 0)}
+
+
+def test_experts_offload_plan_keeps_all_else_on_the_main_device_and_fills_it_layer_by_layer():
+    from shardkit.bigmodel.measure import compute_module_sizes, expert_modules, module_tree
+    from shardkit.bigmodel.placement import STAGING_SLOTS, plan_experts
+
+    config, cls, _ = qwen3_moe()
+    config.num_hidden_layers = 6
+    with init_empty_weights():
+        model = cls(config)
+    sizes = compute_module_sizes(model)
+    experts = expert_modules(model)
+    assert experts == [f"model.layers.{i}.mlp.experts" for i in range(6)]
+    block = sizes[experts[0]]
+    rest = sizes[""] - 6 * block
+    # Room for everything else, the staging slabs and two layers' experts on GPU 0; the CPU takes the rest.
+    budget = {0: rest + STAGING_SLOTS * block + 2 * block, "cpu": 4 * block, "disk": 0}
+    device_map = plan_experts(module_tree(model), sizes, budget, experts)
+    assert device_map == {"": 0, **dict(zip(experts, [0, 0, "cpu", "cpu", "cpu", "cpu"]))}
+    # Once the disk is used, the CPU also holds the two read buffers that disk blocks pass through.
+    budget["cpu"] = 3 * block
+    assert list(plan_experts(module_tree(model), sizes, budget, experts).values()) == [0, 0, 0, "cpu"] + ["disk"] * 3
+    budget["cpu"] = 2 * block
+    assert list(plan_experts(module_tree(model), sizes, budget, experts).values()) == [0, 0, 0] + ["disk"] * 4
+    assert plan_experts(module_tree(model), sizes, {0: sizes[""]}, experts) == {"": 0}
+    with pytest.raises(shardkit_errors().UsageError, match="other than routed experts"):
+        plan_experts(module_tree(model), sizes, {0: rest - 1, "cpu": sizes[""]}, experts)
+
+
+def shardkit_errors():
+    import shardkit.errors
+
+    return shardkit.errors
+
+
+def test_experts_offload_map_loads_and_runs_bitwise(moe):
+    from shardkit import infer_auto_device_map
+
+    model, cls, config, mlp, folder = moe
+    with init_empty_weights():
+        empty = cls(config).eval()
+    from shardkit.bigmodel.measure import compute_module_sizes
+
+    sizes = compute_module_sizes(empty)
+    block = sizes[f"model.layers.0.{mlp}.experts"]
+    # The CPU runs everything: one layer's experts would fit beside the rest, but once a block is on disk the
+    # CPU also holds two staging slabs for it, so both go to disk.
+    device_map = infer_auto_device_map(empty, max_memory={"cpu": sizes[""] - block // 2}, experts_offload=True)
+    assert device_map == {"": "cpu", **{f"model.layers.{i}.{mlp}.experts": "disk" for i in range(LAYERS)}}
+    loaded = load_checkpoint_and_dispatch(empty, folder, device_map=device_map, offload_folder=folder / "offload")
+    tokens = torch.tensor([[5, 6, 7]])
+    assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    assert hook_block(loaded, 1, mlp).experts.stats["routed"] == 1
+    with pytest.raises(shardkit_errors().UsageError, match="no experts modules"):
+        infer_auto_device_map(torch.nn.Linear(2, 2), max_memory={"cpu": 10}, experts_offload=True)

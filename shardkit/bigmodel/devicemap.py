@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from . import placement
-from .measure import compute_module_sizes, find_tied_parameters, module_tree
+from .measure import compute_module_sizes, expert_modules, find_tied_parameters, module_tree
 
 DEVICE_MAP_STRINGS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -66,6 +66,7 @@ def infer_auto_device_map(
     offload_buffers: bool = False,
     *,
     match_accelerate: bool = False,
+    experts_offload: bool = False,
 ) -> dict:
     """Place ``model`` on the GPUs in order, then the CPU, then the disk (accelerate's greedy walk).
 
@@ -74,8 +75,16 @@ def infer_auto_device_map(
     buffers on the CPU when the disk is used) rather than one layer always; a ``dtype`` that grows tensors (fp16
     loaded as fp32) is counted at its real size. ``match_accelerate=True`` gives accelerate's map exactly.
     ``offload_buffers`` is accepted for compatibility (buffers are always counted with their module).
+
+    ``experts_offload=True`` (mixture-of-experts models) keeps everything but the routed experts on the main
+    device and offloads experts first, whole layers' experts at a time (see :func:`placement.plan_experts`).
     """
     sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes, never_grow=match_accelerate)
+    if experts_offload:
+        experts = expert_modules(model)
+        if not experts:
+            raise UsageError(f"experts_offload: {type(model).__name__} has no experts modules (3-D gate_up_proj/up_proj weights)")
+        return placement.plan_experts(module_tree(model), sizes, get_max_memory(max_memory), experts)
     return placement.plan(
         module_tree(model),
         sizes,

@@ -29,15 +29,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import slab
+from .measure import is_experts_module
 
 logger = logging.getLogger(__name__)
 
 #: Routed staging is used while the bytes it must move stay below this share of the whole block's bytes:
 #: past it one coalesced copy of the block is as cheap and needs no index remapping.
 DENSE_SHARE = 0.9
-
-#: Parameter names (of the transformers 5 experts interface) whose presence marks an experts module.
-_MARKERS = ("gate_up_proj", "up_proj")
 
 
 @dataclass
@@ -56,11 +54,6 @@ class ExpertLayout:
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // slab.ALIGN) * slab.ALIGN
-
-
-def is_experts_module(module) -> bool:
-    """Whether ``module`` looks like an experts container (3-D expert weights), whatever its interface."""
-    return any(getattr(module, "_parameters", {}).get(m) is not None and module._parameters[m].dim() == 3 for m in _MARKERS)
 
 
 def layout_for(block) -> ExpertLayout | None:

@@ -75,3 +75,18 @@ def find_tied_parameters(model, **_ignored) -> list[list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         by_identity.setdefault(id(param), []).append(name)
     return [sorted(set(names)) for names in by_identity.values() if len(set(names)) > 1]
+
+
+#: Parameters whose 3-D presence marks a transformers 5 experts container (``[experts, out, in]``).
+EXPERT_MARKERS = ("gate_up_proj", "up_proj")
+
+
+def is_experts_module(module) -> bool:
+    """Whether ``module`` holds packed expert weights (a 3-D ``gate_up_proj`` or ``up_proj``)."""
+    params = getattr(module, "_parameters", {})
+    return any(params.get(m) is not None and params[m].dim() == 3 for m in EXPERT_MARKERS)
+
+
+def expert_modules(model) -> list[str]:
+    """Names of ``model``'s experts containers (see :func:`is_experts_module`), in module order."""
+    return [name for name, module in model.named_modules() if is_experts_module(module)]
