@@ -6,6 +6,8 @@ covers its whole subtree (``""`` is the whole model) and the map must cover ever
 
 from __future__ import annotations
 
+import warnings
+
 from ..errors import UsageError
 from . import placement
 from .measure import compute_module_sizes, expert_modules, find_tied_parameters, module_tree
@@ -100,16 +102,98 @@ def infer_auto_device_map(
 def resolve_device_map(
     model, device_map, max_memory=None, no_split_module_classes=None, dtype=None, offload_buffers=False
 ) -> dict | None:
-    """A device map from a string (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or as given."""
+    """A device map from a string (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or as given.
+
+    This plans for a load on this machine, so ``max_memory`` entries for GPUs it lacks are dropped with a warning
+    (see :func:`present_max_memory`); the planning functions themselves plan for any GPUs they are given.
+    """
     if not isinstance(device_map, str):
         return None if device_map is None else dict(device_map)
     if device_map not in DEVICE_MAP_STRINGS:
         raise UsageError(f"unknown device_map {device_map!r}: use a dict or one of {', '.join(DEVICE_MAP_STRINGS)}")
+    if max_memory is not None:
+        max_memory = present_max_memory(max_memory)
     if device_map != "sequential":
         max_memory = get_balanced_memory(
             model, max_memory, no_split_module_classes, dtype, low_zero=device_map == "balanced_low_0"
         )
     return infer_auto_device_map(model, max_memory, no_split_module_classes, dtype, offload_buffers=offload_buffers)
+
+
+def gpu_count() -> int:
+    """How many CUDA GPUs this process can use (0 with a CPU-only torch); never creates a CUDA context."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _no_gpu_reason(count: int) -> str:
+    import torch
+
+    if count:
+        return f"this machine has {count} GPU{'s' if count > 1 else ''} (0 to {count - 1})"
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    return "this machine has no CUDA GPU"
+
+
+def present_max_memory(max_memory: dict) -> dict:
+    """``max_memory`` (normalized) without the GPUs this machine lacks, each dropped with a warning.
+
+    accelerate only logs that such a device "is not available" and then fails when it moves weights there
+    (``Torch not compiled with CUDA enabled``); the README's ``{0: "20GiB", "cpu": "64GiB"}`` on a laptop
+    should load on the CPU and disk instead.
+    """
+    budget = placement.normalize_max_memory(max_memory)
+    gpus = [d for d in budget if isinstance(d, int)]
+    if not gpus:
+        return budget
+    count = gpu_count()
+    absent = [d for d in gpus if d >= count]
+    if absent:
+        names = ", ".join(f"GPU {d}" for d in absent)
+        warnings.warn(
+            f"max_memory names {names}, but {_no_gpu_reason(count)}: planning without {'it' if len(absent) == 1 else 'them'}",
+            stacklevel=3,
+        )
+    return {d: v for d, v in budget.items() if d not in absent}
+
+
+def check_devices_present(device_map: dict) -> None:
+    """Raise :class:`UsageError` (one line) when ``device_map`` puts something on a GPU this machine lacks.
+
+    Asks CUDA nothing when the map names no GPU, so CPU and disk maps never initialise it.
+    """
+    wanted: dict[int, str] = {}
+    for key, device in device_map.items():
+        index = _gpu_index(device)
+        if index is not None:
+            wanted.setdefault(index, key)
+    if not wanted:
+        return
+    for index, key in sorted(wanted.items()):
+        require_gpu(index, f"device_map puts {repr(key) if key else 'the whole model'}")
+
+
+def require_gpu(index: int, subject: str) -> None:
+    """Raise :class:`UsageError` ``"{subject} on GPU {index}, but ..."`` unless this machine has that GPU."""
+    count = gpu_count()
+    if index >= count:
+        raise UsageError(f"{subject} on GPU {index}, but {_no_gpu_reason(count)}: use an existing GPU, 'cpu' or 'disk'")
+
+
+def _gpu_index(device) -> int | None:
+    """The CUDA index a device-map value names (``0``, ``"cuda"``, ``"cuda:1"``, ``torch.device``), else None."""
+    if isinstance(device, bool):
+        return None
+    if isinstance(device, int):
+        return device
+    text = str(device)
+    if text == "cuda":
+        return 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    return None
 
 
 def device_for(name: str, device_map: dict):

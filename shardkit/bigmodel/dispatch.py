@@ -14,7 +14,9 @@ from . import slab
 from .devicemap import (
     block_module,
     check_device_map,
+    check_devices_present,
     covering_key,
+    require_gpu,
     resolve_device_map,
     torch_device,
 )
@@ -93,11 +95,14 @@ def dispatch_model(
     ``"8GB"``) keeps recently used experts on the execution device (see :mod:`shardkit.bigmodel.experts`).
     """
     check_device_map(model, device_map)
+    check_devices_present(device_map)
     remove_hooks(model)
     model.hf_device_map = dict(device_map)
     options = DispatchOptions.resolve(
         model, device_map, main_device, offload_dir, offload_buffers, skip_keys, preload_module_classes, force_hooks
     )
+    if options.main_device.type == "cuda":
+        require_gpu(options.main_device.index or 0, "main_device runs the offloaded blocks")
     devices = {torch_device(d) for d in device_map.values()}
     if len(devices) == 1 and "disk" not in devices and not options.force_hooks:
         model.to(next(iter(devices)))

@@ -20,7 +20,15 @@ from ..materialize import load_tensor
 from ..reader import open_checkpoint
 from ..table import Checkpoint
 from . import slab
-from .devicemap import block_module, check_device_map, covering_key, device_for, main_device, torch_device
+from .devicemap import (
+    block_module,
+    check_device_map,
+    check_devices_present,
+    covering_key,
+    device_for,
+    main_device,
+    torch_device,
+)
 from .measure import as_torch_dtype
 from .offload import OffloadStore, OffloadWriter, Stored, stamp
 from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, ReadAhead, read_direct
@@ -78,6 +86,7 @@ def load_checkpoint_in_model(
     dtype = as_torch_dtype(dtype)
     if device_map is not None:
         check_device_map(model, device_map)
+        check_devices_present(device_map)
     main = main_device(device_map)
     targets = model_tensors(model)
     rename = _renamer(model, checkpoint, [n for t in targets for n in t.names])
@@ -137,7 +146,7 @@ def load_checkpoint_in_model(
     for t in targets:
         key = covering_key(t.names[0], device_map) if device_map else ""
         t.block = block_module(key, t.names[0], modules) if key is not None else ""
-    pin = torch.cuda.is_available() and main.type == "cuda"
+    pin = main.type == "cuda"  # ask CUDA nothing for a CPU/disk map: not even is_available()
     host = _allocate(loaded, pin)
     store = _stream(checkpoint, loaded, offload_folder)
     _install(model, targets, host, store, offload_folder)

@@ -57,11 +57,13 @@ def plan_command(
     per_device: dict[str, int] = {}
     for key, device in device_map.items():
         per_device[str(device)] = per_device.get(str(device), 0) + sizes.get(key, 0)
+    notes = _absent_gpu_notes(budget)
     result = {
         "source": source,
         "device_map": {k: device_map[k] for k in device_map},
         "bytes": per_device,
         "total_bytes": sizes.get("", 0),
+        "notes": notes,
     }
     if as_json:
         emit_json(result)
@@ -72,6 +74,45 @@ def plan_command(
     click.echo("")
     for device, nbytes in per_device.items():
         click.echo(f"{device:>5}  {format_size(nbytes):>10}  ({nbytes:,} bytes)")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
+def visible_gpus() -> int:
+    """GPUs a load on this machine could use, without importing torch for a plan from headers.
+
+    With torch already imported (a plan from a config), torch's own count; otherwise the NVIDIA driver's
+    ``/proc/driver/nvidia/gpus`` entries, limited by ``CUDA_VISIBLE_DEVICES``.
+    """
+    import os
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        count = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+    return count
+
+
+def _absent_gpu_notes(budget: dict) -> list[str]:
+    """A plan may be made here for a GPU machine elsewhere: say so, don't refuse."""
+    gpus = [d for d in budget if isinstance(d, int)]
+    if not gpus:
+        return []
+    count = visible_gpus()
+    absent = [d for d in gpus if d >= count]
+    if not absent:
+        return []
+    have = f"{count} GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU"
+    names = ", ".join(map(str, absent))
+    load = "a load here with this budget drops it, with a warning, and plans on the CPU and disk"
+    return [f"planned for GPU {names}, which this machine lacks ({have}): {load}"]
 
 
 def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str]):
