@@ -102,17 +102,11 @@ def infer_auto_device_map(
 def resolve_device_map(
     model, device_map, max_memory=None, no_split_module_classes=None, dtype=None, offload_buffers=False
 ) -> dict | None:
-    """A device map from a string (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or as given.
-
-    This plans for a load on this machine, so ``max_memory`` entries for GPUs it lacks are dropped with a warning
-    (see :func:`present_max_memory`); the planning functions themselves plan for any GPUs they are given.
-    """
+    """A device map from a string (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or as given."""
     if not isinstance(device_map, str):
         return None if device_map is None else dict(device_map)
     if device_map not in DEVICE_MAP_STRINGS:
         raise UsageError(f"unknown device_map {device_map!r}: use a dict or one of {', '.join(DEVICE_MAP_STRINGS)}")
-    if max_memory is not None:
-        max_memory = present_max_memory(max_memory)
     if device_map != "sequential":
         max_memory = get_balanced_memory(
             model, max_memory, no_split_module_classes, dtype, low_zero=device_map == "balanced_low_0"

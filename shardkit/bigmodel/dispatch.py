@@ -16,6 +16,7 @@ from .devicemap import (
     check_device_map,
     check_devices_present,
     covering_key,
+    present_max_memory,
     require_gpu,
     resolve_device_map,
     torch_device,
@@ -340,6 +341,8 @@ def load_checkpoint_and_dispatch(
     """
     if no_split_module_classes is None:
         no_split_module_classes = getattr(model, "_no_split_modules", None)
+    if isinstance(device_map, str) and max_memory is not None:
+        max_memory = present_max_memory(max_memory)  # a load on this machine: plan without GPUs it lacks
     device_map = resolve_device_map(model, device_map, max_memory, no_split_module_classes, dtype, offload_buffers)
     load_checkpoint_in_model(
         model,
