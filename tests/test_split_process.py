@@ -118,7 +118,7 @@ def test_peak_memory_with_a_cast_is_one_tensor_not_the_checkpoint(tmp_path):
     assert shardkit.open_checkpoint(tmp_path / "out").total_bytes == total // 2
 
 
-@pytest.mark.parametrize("how", ["kill", "interrupt"])
+@pytest.mark.parametrize("how", ["kill", "interrupt", "terminate", "hangup"])
 def test_interrupted_run_leaves_no_destination_and_rerun_succeeds(tmp_path, how):
     save_bin(lm_state(), tmp_path / "src.bin")
     out = tmp_path / "out"
@@ -135,7 +135,8 @@ def test_interrupted_run_leaves_no_destination_and_rerun_succeeds(tmp_path, how)
         assert process.stderr.readline().startswith("shardkit: wrote ")  # first shard written, the run is stalled
         temp = [p for p in tmp_path.iterdir() if p.name.startswith(".out.shardkit-tmp-")]
         assert len(temp) == 1 and any(temp[0].iterdir())
-        process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
+        signum = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": signal.SIGTERM, "hangup": signal.SIGHUP}[how]
+        process.send_signal(signum)
         _, err = process.communicate(timeout=30)
     finally:
         process.kill()
@@ -143,8 +144,14 @@ def test_interrupted_run_leaves_no_destination_and_rerun_succeeds(tmp_path, how)
     if how == "kill":
         assert process.returncode == -signal.SIGKILL
         assert temp[0].exists()  # nothing could clean up; the next run will
-    else:
+    elif how == "interrupt":
         assert process.returncode == 130 and "interrupted" in err
+        assert not temp[0].exists()
+    else:  # kill, timeout, docker stop, Slurm, a closed terminal: cleaned up like Ctrl-C
+        assert process.returncode == 128 + signum, err
+        assert err.strip().splitlines()[-1] == (
+            f"shardkit: terminated ({signal.Signals(signum).name}); nothing was left half-written"
+        )
         assert not temp[0].exists()
     result = run_shardkit("split", tmp_path / "src.bin", out, "--max-shard-size", "300")
     assert result.returncode == 0, result.stderr
@@ -235,6 +242,39 @@ def test_swap_interrupted_between_its_renames_is_repaired(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     aside = tmp_path / f".out.shardkit-old-{dead}-x1"
     os.replace(out, aside)
-    remove_stale(out)
+    remove_stale(tmp_path)
     assert sorted(os.listdir(out)) == before and not aside.exists()
     assert shardkit.open_checkpoint(out).total_bytes == shardkit.open_checkpoint(tmp_path / "src.bin").total_bytes
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (["split", "{src}", "{out}", "--max-shard-size", "300"], 0),
+        (["split", "{src}", "{out}", "--max-shard-size", "300", "--json"], 0),
+        (["inspect", "{src}", "--tensors"], 0),
+        (["validate", "{src}"], 0),
+        (["validate", "{broken}"], 1),
+    ],
+)
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path, command, code):
+    """`shardkit ... | head`: output stops quietly; the exit code is the one the work earned."""
+    save_bin(lm_state(), tmp_path / "src.bin")
+    (tmp_path / "broken.safetensors").write_bytes((tmp_path / "src.bin").read_bytes()[:100])
+    paths = {"src": tmp_path / "src.bin", "out": tmp_path / "out", "broken": tmp_path / "broken.safetensors"}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line: every write to stdout fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "shardkit", *[part.format(**paths) for part in command]],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            cwd=ROOT,
+            text=True,
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (code, "")
+    if command[0] == "split":
+        assert len(load_any(tmp_path / "out")) == len(lm_state()) - 1

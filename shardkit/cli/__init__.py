@@ -3,11 +3,18 @@
 Subcommands live in their own modules and are imported only when invoked, so ``shardkit --help`` stays fast and
 commands on the byte path never import torch. Every :class:`~shardkit.errors.ShardkitError` becomes one line on
 stderr and exit code 2.
+
+Termination is orderly: SIGTERM and SIGHUP (``kill``, ``timeout``, ``docker stop``, Slurm, a closed terminal) are
+handled like Ctrl-C, so half-written output is removed, with exit code 128+signal (143 for SIGTERM, 130 for
+Ctrl-C). A reader that goes away (``shardkit inspect X | head``) is not an error: output stops silently and the exit
+code is the one the work earned (0, or validate's 1), as if everything had been printed.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 import click
@@ -36,6 +43,40 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 _OPTIONAL = {"torch": "'shardkit[torch]'", "safetensors": "'shardkit[torch]'", "transformers": "transformers"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that every ``with``/``finally`` cleans up as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+    raise Terminated(signum)
+
+
+def handle_termination() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` (from the main thread; a no-op elsewhere)."""
+    if sys.platform == "win32":
+        return
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                signal.signal(signum, _terminate)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        pass
+
+
+def stdout_closed() -> None:
+    """The reader of stdout went away: send what is left (and Python's final flush) to /dev/null, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -52,6 +93,7 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, COMMANDS[name][2]) for name in sorted(COMMANDS)])
 
     def invoke(self, ctx: click.Context):
+        handle_termination()
         try:
             return super().invoke(ctx)
         except ShardkitError as exc:
@@ -64,9 +106,15 @@ class LazyGroup(click.Group):
                 f"shardkit: error: this needs {exc.name}, which is not installed: pip install {_OPTIONAL[exc.name]}", err=True
             )
             ctx.exit(2)
+        except Terminated as exc:
+            click.echo(f"shardkit: terminated ({exc}); nothing was left half-written", err=True)
+            ctx.exit(128 + exc.signum)
         except KeyboardInterrupt:
             click.echo("shardkit: interrupted; nothing was left half-written", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            stdout_closed()
+            ctx.exit(0)
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"shardkit: error: {where}{exc.strerror or exc}", err=True)

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..units import format_size
-from . import emit_json, hub_options
+from . import emit_json, hub_options, stdout_closed
 
 
 @click.command("validate")
@@ -50,10 +50,13 @@ def validate_command(target, revision, subfolder, variant, repo_type, token, dee
         checksums=checksums,
         model_config=model_config,
     )
-    if as_json:
-        emit_json(report.to_dict())
-    else:
-        click.echo(render(report))
+    try:
+        if as_json:
+            emit_json(report.to_dict())
+        else:
+            click.echo(render(report))
+    except BrokenPipeError:
+        stdout_closed()  # the verdict is still the exit code
     sys.exit(0 if report.ok else 1)
 
 
