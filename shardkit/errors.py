@@ -157,6 +157,10 @@ CATALOGUE: dict[str, CodeInfo] = {
     "key-collision": _e("usage", "Key mapping sends two source tensors to one output name (both are named)."),
     "nothing-selected": _e("usage", "--select/--drop leave no tensor to write."),
     "no-config": _e("usage", "A transform needs the config.json beside the source (--dtype auto), which is missing or silent."),
+    "experts-unknown-arch": _e("usage", "--experts on an architecture whose expert packing shardkit does not know (named)."),
+    "experts-incomplete": _e("usage", "--experts: a MoE layer lacks an expert's projection, or a packed tensor its partner."),
+    "experts-mismatch": _e("usage", "--experts: the experts of one layer differ in shape or dtype, or packed shapes disagree."),
+    "experts-none": _e("usage", "--experts on a checkpoint holding no MoE expert tensors."),
     # writing (raised)
     "write-failed": _e("output", "Writing the output failed (full disk, permissions); nothing was left at the destination."),
     "verify-failed": _e("output", "The written files do not read back as planned; nothing was left at the destination."),
