@@ -9,22 +9,9 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from .dtypes import torch_dtype
+from .fileio import read_exact
 from .formats.legacy import load_legacy
 from .table import TensorEntry
-from .write.byteio import short_read
-
-
-def read_exact(handle: BinaryIO, offset: int, size: int, path: str) -> bytearray:
-    """``size`` bytes at ``offset``; a short read means the file changed or was truncated since it was opened."""
-    buffer = bytearray(size)
-    handle.seek(offset)
-    view, done = memoryview(buffer), 0
-    while done < size:
-        count = handle.readinto(view[done:])
-        if not count:
-            raise short_read(path, offset + done, size - done)
-        done += count
-    return buffer
 
 
 def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None):
@@ -45,10 +32,10 @@ def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None):
         if entry.offset is not None:
             if entry.nbytes == 0:
                 return torch.empty(entry.shape, dtype=dtype)
-            raw = read_exact(handle, entry.offset, entry.nbytes, entry.file)
+            raw = read_exact(handle.fileno(), entry.nbytes, entry.offset, entry.file)
             return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry.shape)
         storage = entry.storage
-        raw = read_exact(handle, storage.offset, storage.nbytes, entry.file)
+        raw = read_exact(handle.fileno(), storage.nbytes, storage.offset, entry.file)
         flat = torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
         return flat.as_strided(entry.shape, entry.stride, entry.storage_offset).contiguous()
     finally:

@@ -8,10 +8,16 @@ variant goes before the last dot: ``model.fp16.safetensors``, ``model.fp16-00001
 
 from __future__ import annotations
 
+import os
 import re
 
 #: Output format -> (file stem, suffix).
 FORMATS = {"safetensors": ("model", ".safetensors"), "bin": ("pytorch_model", ".bin")}
+
+#: Suffixes of torch pickle checkpoints (zip or legacy); a file with one of them is never sniffed as safetensors.
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: Suffixes of every checkpoint file shardkit reads: the one list (readers, validation, staging, the Hub side).
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})(?P<suffix>\.[A-Za-z0-9]+)$")
 INDEX_RE = re.compile(r"^(?P<base>.+\.(?:safetensors|bin))\.index(?:\.(?P<variant>[^.]+))?\.json$")
@@ -55,12 +61,18 @@ def format_of_name(name: str) -> str | None:
         name = match["base"] if match else name
     if name.endswith(".safetensors"):
         return "safetensors"
-    if name.endswith((".bin", ".pt", ".pth")):
+    if name.endswith(TORCH_SUFFIXES):
         return "bin"
     return None
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+def is_layout_name(name: str) -> bool:
+    """Whether ``name`` is a file of a layout shardkit writes: a single file, shard or index named with a stem
+    and a suffix of :data:`FORMATS` (any pairing: ``pytorch_model.safetensors`` too), without a variant."""
+    base = name.removesuffix(".index.json")
+    shard = parse_shard_name(base)
+    stem, suffix = (shard[0], shard[3]) if shard else os.path.splitext(base)
+    return stem in {s for s, _ in FORMATS.values()} and suffix in {x for _, x in FORMATS.values()}
 
 
 def pick_checkpoint(names: list[str], variant: str | None = None) -> str | None:

@@ -36,7 +36,7 @@ def test_a_file_shorter_than_its_ranges_is_a_clear_error(tmp_path):
     (tmp_path / "a").write_bytes(b"x" * 100)
     reader = ReadAhead([(str(tmp_path / "a"), 0, 400)], chunk=64, threads=2)
     try:
-        with pytest.raises(CheckpointError, match="short of the tensor data") as info:
+        with pytest.raises(CheckpointError, match="short of the data it declares") as info:
             for piece in reader:
                 reader.release(piece)
         assert info.value.code == "short-read"

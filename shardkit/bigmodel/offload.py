@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import orjson
 
 from ..errors import CheckpointError, OutputError
+from ..fileio import read_into
 from ..formats.safetensors import build_header
 
 INDEX_NAME = "shardkit-offload.json"
@@ -135,16 +136,7 @@ class OffloadStore:
 
     def read_into(self, path: str, offset: int, dest: memoryview) -> None:
         """Fill ``dest`` from ``path`` at ``offset``; a short read means the file was truncated after it was checked."""
-        fd, done, size = self._fd(path), 0, len(dest)
-        while done < size:
-            count = os.preadv(fd, [dest[done:]], offset + done)
-            if count <= 0:
-                raise CheckpointError(
-                    path,
-                    f"offloaded weights file ends {size - done} bytes early (truncated since offloaded?)",
-                    code="offload-changed",
-                )
-            done += count
+        read_into(self._fd(path), dest, offset, path, code="offload-changed")
 
     def runs(self, placement: dict[str, int]) -> list[tuple[str, int, int, int]]:
         """Reads that fill a slab: ``(file, file_offset, slab_offset, nbytes)`` for tensors at ``placement[name]``,

@@ -14,7 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from ..errors import CheckpointError
+from ..fileio import read_into
 
 CHUNK = 64 * 2**20
 DEPTH = 3
@@ -96,16 +96,7 @@ class ReadAhead:
                     event.synchronize()  # the previous copy out of this buffer has finished
                 size = min(self.chunk, nbytes - start)
                 view = memoryview(self.buffers[slot].numpy())[:size]
-                fd, done = self._fd(path), 0
-                while done < size:
-                    count = os.preadv(fd, [view[done:]], offset + start + done)
-                    if count <= 0:
-                        raise CheckpointError(
-                            path,
-                            f"file ends {size - done} bytes short of the tensor data its header declares (truncated?)",
-                            code="short-read",
-                        )
-                    done += count
+                read_into(self._fd(path), view, offset + start, path)
                 self._ready.put(Chunk(index, start, size, slot, self.buffers[slot][:size]))
         except BaseException as exc:  # hand it to the consumer
             self._ready.put(exc)
@@ -155,14 +146,7 @@ def read_direct(reads: list, piece: int = PARALLEL_PIECE, threads: int = PARALLE
 
     def read(item):
         entry, start, view = item
-        done = 0
-        while done < len(view):
-            count = os.preadv(fds[entry.file], [view[done:]], entry.offset + start + done)
-            if count <= 0:
-                raise CheckpointError(
-                    entry.file, f"file ends before the end of tensor {entry.name!r} (truncated?)", code="short-read"
-                )
-            done += count
+        read_into(fds[entry.file], view, entry.offset + start, entry.file)
 
     try:
         with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="shardkit-read") as pool:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 
 from ..errors import CheckpointError, NotACheckpointError
+from ..naming import TORCH_SUFFIXES
 from ..table import FileInfo, TensorEntry
 from .legacy import LEGACY_MAGIC, read_legacy
 from .safetensors import read_safetensors
 from .torchzip import read_torch_zip
-
-TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def sniff(path: str, head: bytes) -> str:

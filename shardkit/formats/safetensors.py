@@ -16,6 +16,7 @@ import orjson
 
 from ..dtypes import SAFETENSORS_DTYPES, nbytes_of
 from ..errors import CheckpointError
+from ..fileio import is_count
 from ..table import FileInfo, TensorEntry
 
 #: The reference Rust reader refuses headers longer than this (``HeaderTooLarge``).
@@ -150,7 +151,7 @@ def header_problems(path: str, raw: bytes, file_size: int) -> list[CheckpointErr
 def _usable_range(name: str, info: object) -> list[tuple[int, int, str]]:
     """The byte range of an entry that broke another rule, if its offsets alone are sound."""
     offsets = info.get("data_offsets") if isinstance(info, dict) else None
-    if isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]:
+    if isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o, 2**64) for o in offsets) and offsets[0] <= offsets[1]:
         return [(offsets[0], offsets[1], name)]
     return []
 
@@ -167,20 +168,16 @@ def _entry_fields(path: str, name: str, info: object) -> tuple[str, tuple[int, .
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(path, f"tensor {name!r}: unknown dtype {dtype!r}", code="sf-unknown-dtype")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_count(d, 2**64) for d in shape):
         raise CheckpointError(
             path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", code="sf-bad-entry"
         )
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o, 2**64) for o in offsets)):
         raise CheckpointError(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]", code="sf-bad-entry")
     begin, end = offsets
     if end < begin:
         raise CheckpointError(path, f"tensor {name!r}: data_offsets end {end} is before begin {begin}", code="sf-offsets")
     return dtype, tuple(shape), begin, end
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def read_safetensors(path: str, handle: BinaryIO | None = None) -> tuple[FileInfo, list[TensorEntry]]:

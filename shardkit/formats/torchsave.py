@@ -8,12 +8,12 @@ Record data is written by the caller straight into the file descriptor at the of
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from dataclasses import dataclass
 
 from ..dtypes import DTYPE_BITS, STORAGE_CLASSES, TORCH_NAMES
+from ..fileio import write_all
 
 #: torch aligns every record's data to this many bytes (``storage_alignment``), which makes mmap loading possible.
 ALIGNMENT = 64
@@ -188,7 +188,7 @@ class ZipWriter:
             len(extra),
         )
         data_offset = self.position + len(header) + len(entry.name) + len(extra)
-        _pwrite(self.fd, header + entry.name + extra, self.position)
+        write_all(self.fd, header + entry.name + extra, self.position)
         self.entries.append(entry)
         self.position = data_offset + size
         return data_offset
@@ -196,10 +196,10 @@ class ZipWriter:
     def end(self, crc: int) -> None:
         entry = self.entries[-1]
         entry.crc = crc
-        _pwrite(self.fd, struct.pack("<I", crc), entry.header_offset + 14)
+        write_all(self.fd, struct.pack("<I", crc), entry.header_offset + 14)
 
     def add(self, name: str, data: bytes) -> None:
-        _pwrite(self.fd, data, self.begin(name, len(data)))
+        write_all(self.fd, data, self.begin(name, len(data)))
         self.end(zlib.crc32(data))
 
     def close(self) -> int:
@@ -250,13 +250,6 @@ class ZipWriter:
             min(start, _ZIP64_LIMIT),
             0,
         )
-        _pwrite(self.fd, bytes(directory) + records, start)
+        write_all(self.fd, bytes(directory) + records, start)
         self.position = end64 + len(records)
         return self.position
-
-
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written

@@ -17,8 +17,9 @@ from typing import BinaryIO
 
 from ..dtypes import DTYPE_BITS, itemsize, nbytes_of
 from ..errors import CheckpointError
+from ..fileio import is_count
 from ..table import FileInfo, TensorEntry
-from .unpickler import RestrictedUnpickler, TensorRef, is_count
+from .unpickler import RestrictedUnpickler, TensorRef
 
 #: data.pkl of real checkpoints is kilobytes to a few megabytes; anything larger is refused unread.
 MAX_PICKLE_SIZE = 256 * 1024 * 1024

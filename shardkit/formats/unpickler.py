@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..dtypes import FROM_TORCH_NAME, STORAGE_CLASSES, itemsize
 from ..errors import CheckpointError, UnsafePickleError
+from ..fileio import is_count
 from ..table import Storage
 
 if TYPE_CHECKING:
@@ -237,8 +238,3 @@ class RestrictedUnpickler(pickle._Unpickler):
             raise CheckpointError(
                 self._path, f"data.pkl is not a valid torch pickle ({type(exc).__name__}: {exc})"[:300], code="pickle-invalid"
             ) from None
-
-
-def is_count(value: object) -> bool:
-    """A non-negative int (bools excluded): what sizes, offsets and strides must be."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

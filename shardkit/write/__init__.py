@@ -15,10 +15,10 @@ from pathlib import Path
 
 from ..dtypes import parse_dtype
 from ..errors import OutputError, UsageError
+from ..fileio import write_all
 from ..reader import open_checkpoint
 from ..table import Checkpoint
 from ..units import parse_size
-from .byteio import write_all
 from .plan import Plan, plan_convert, plan_split
 from .staging import Staging, check_destination, refuse_inside
 from .transforms import ExpertLayout, Transformed, Transforms, read_config, transform

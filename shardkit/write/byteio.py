@@ -16,7 +16,7 @@ import errno
 import os
 import zlib
 
-from ..errors import CheckpointError
+from ..fileio import read_exact, read_into, short_read, write_all
 
 #: The one buffer used when bytes must pass through user space (fallback copies, CRC, verification). Small
 #: enough to stay in the CPU cache between the read and the write: larger buffers measured slower.
@@ -28,15 +28,6 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.ESPIPE}
 
 _methods = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
-
-
-def short_read(path: str, offset: int, missing: int) -> CheckpointError:
-    """The error for a file that ends `missing` bytes before the data its header declares."""
-    return CheckpointError(
-        path,
-        f"file ends at byte {offset}, {missing} bytes short of the data it declares (truncated since opened?)",
-        code="short-read",
-    )
 
 
 def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str) -> None:
@@ -90,15 +81,12 @@ def copy_buffered(
     view = memoryview(buffer)
     done = 0
     while done < count:
-        want = min(len(buffer), count - done)
-        got = os.preadv(src, [view[:want]], src_offset + done)
-        if got == 0:
-            raise short_read(src_path, src_offset + done, count - done)
-        chunk = view[:got]
+        chunk = view[: min(len(buffer), count - done)]
+        read_into(src, chunk, src_offset + done, src_path)
         if crc is not None:
             crc = zlib.crc32(chunk, crc)
         write_all(dst, chunk, dst_offset + done)
-        done += got
+        done += len(chunk)
     return crc
 
 
@@ -120,32 +108,17 @@ class Writeback:
             self.started = position
 
 
-def write_all(dst: int, data, offset: int) -> None:
-    """``pwrite`` all of ``data`` at ``offset`` (a short write is retried, a failing one raises)."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(dst, view, offset)
-        view, offset = view[written:], offset + written
-
-
 def same_bytes(a: int, a_offset: int, b: int, b_offset: int, count: int, a_path: str, b_path: str) -> bool:
     """Whether ``count`` bytes at ``a_offset`` in ``a`` equal those at ``b_offset`` in ``b`` (one chunk of each at a time)."""
     done = 0
     while done < count:
         want = min(BUFFER_SIZE, count - done)
-        left = _pread_exact(a, want, a_offset + done, a_path)
-        right = _pread_exact(b, want, b_offset + done, b_path)
+        left = read_exact(a, want, a_offset + done, a_path)
+        right = read_exact(b, want, b_offset + done, b_path)
         if left != right:
             return False
         done += want
     return True
 
 
-def _pread_exact(fd: int, count: int, offset: int, path: str) -> bytes:
-    data = os.pread(fd, count, offset)
-    while len(data) < count:
-        more = os.pread(fd, count - len(data), offset + len(data))
-        if not more:
-            raise short_read(path, offset + len(data), count - len(data))
-        data += more
-    return data
+__all__ = ["BUFFER_SIZE", "PAGE_SIZE", "Writeback", "copy_buffered", "copy_range", "same_bytes", "short_read", "write_all"]

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..fileio import read_exact
 from ..table import TensorEntry
 
 
@@ -95,16 +96,7 @@ class Reader:
         self.fd = fd
 
     def pread(self, path: str, offset: int, nbytes: int) -> bytearray:
-        from .byteio import short_read
-
-        buffer = bytearray(nbytes)
-        view, done = memoryview(buffer), 0
-        while done < nbytes:
-            got = os.preadv(self.fd(path), [view[done:]], offset + done)
-            if not got:
-                raise short_read(path, offset + done, nbytes - done)
-            done += got
-        return buffer
+        return read_exact(self.fd(path), nbytes, offset, path)
 
     def tensor(self, entry: TensorEntry):
         """``entry`` as a CPU torch tensor in its stored dtype (imports torch)."""

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
+from ..fileio import write_all
 from ..formats.safetensors import build_header
 from ..formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
-from .byteio import Writeback, copy_buffered, copy_range, write_all
+from .byteio import Writeback, copy_buffered, copy_range
 from .derived import ComputedEntry, Reader, byte_ranges
 from .plan import Plan, PlannedFile, PlannedTensor, safetensors_order
 

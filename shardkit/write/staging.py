@@ -34,6 +34,7 @@ import stat
 from pathlib import Path
 
 from ..errors import UsageError
+from ..naming import is_layout_name
 
 _TEMP_MARK = ".shardkit-tmp-"
 _OLD_MARK = ".shardkit-old-"
@@ -42,9 +43,6 @@ _JOURNAL = ".shardkit-moved"
 
 #: Our temporary folders: ``.DST.shardkit-tmp-PID-x`` and ``.DST.shardkit-old-PID-x`` beside DST, ``.shardkit-fill-PID-x`` in it.
 _STALE_RE = re.compile(r"^\.(?:(?P<name>.+)\.)?shardkit-(?P<kind>tmp|old|fill)-(?P<pid>\d+)-[0-9a-z_]+$")
-
-#: Files that belong to a checkpoint layout shardkit writes: single files, shards and indexes.
-_LAYOUT_RE = re.compile(r"^(?:model|pytorch_model)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)(?:\.index\.json)?$")
 
 #: ACLs travel with the folder identity on an overwrite (Linux extended attributes).
 _ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
@@ -192,7 +190,7 @@ def _keep_other_files(dst: Path, folder: Path) -> None:
     Names already in ``folder`` (the new checkpoint's own config and tokenizer files) win over the old ones.
     """
     for path in dst.iterdir():
-        if _LAYOUT_RE.match(path.name) or _STALE_RE.match(path.name) or os.path.lexists(folder / path.name):
+        if is_layout_name(path.name) or _STALE_RE.match(path.name) or os.path.lexists(folder / path.name):
             continue
         target = folder / path.name
         if target.exists() or target.is_symlink():
