@@ -14,10 +14,11 @@ import re
 #: Output format -> (file stem, suffix).
 FORMATS = {"safetensors": ("model", ".safetensors"), "bin": ("pytorch_model", ".bin")}
 
-#: Suffixes of torch pickle checkpoints (zip or legacy); a file with one of them is never sniffed as safetensors.
-TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-#: Suffixes of every checkpoint file shardkit reads: the one list (readers, validation, staging, the Hub side).
-CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+#: Suffixes of the checkpoint files a folder or repo is searched for (readers, validation, the Hub side).
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: Suffixes of torch pickles (zip or legacy): a file with one is never sniffed as safetensors. ``.ckpt`` is read
+#: when named but not searched for: Lightning's ``.ckpt`` holds a whole training state, not a state dict.
+TORCH_SUFFIXES = (*CHECKPOINT_SUFFIXES[1:], ".ckpt")
 
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})(?P<suffix>\.[A-Za-z0-9]+)$")
 INDEX_RE = re.compile(r"^(?P<base>.+\.(?:safetensors|bin))\.index(?:\.(?P<variant>[^.]+))?\.json$")
