@@ -277,3 +277,48 @@ def test_experts_offload_map_loads_and_runs_bitwise(moe):
     assert hook_block(loaded, 1, mlp).experts.stats["routed"] == 1
     with pytest.raises(shardkit_errors().UsageError, match="no experts modules"):
         infer_auto_device_map(torch.nn.Linear(2, 2), max_memory={"cpu": 10}, experts_offload=True)
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_loads_per_expert_checkpoints_as_save_pretrained_writes_them(moe, where):
+    """transformers 5's save_pretrained (and the Hub) store one tensor per expert; the model holds them packed."""
+    from safetensors import safe_open
+
+    model, cls, config, mlp, folder = moe
+    saved = folder / "hub-layout"
+    model.save_pretrained(saved)
+    with safe_open(saved / "model.safetensors", "pt") as handle:
+        names = list(handle.keys())
+    assert not any(n.endswith("gate_up_proj") for n in names) and any(".experts.3." in n for n in names)
+    with init_empty_weights():
+        empty = cls(config).eval()
+    empty.config._experts_implementation = model.config._experts_implementation
+    device_map = experts_map(mlp) if where == "disk" else {"": "cpu"}
+    loaded = load_checkpoint_and_dispatch(empty, saved, device_map=device_map, strict=True)
+    tokens = torch.tensor([[4, 8, 15, 16]])
+    assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    if where == "disk":
+        # the disk tier reads the experts where save_pretrained put them: no offload folder was needed
+        store = loaded._shardkit_offload
+        stored = store.tensors[f"model.layers.0.{mlp}.experts.gate_up_proj"]
+        assert len(stored.pieces) >= EXPERTS and sum(n for _, _, n in stored.pieces) == stored.nbytes
+        assert hook_block(loaded, 0, mlp).experts.stats["routed"] == 1
+
+
+def test_stored_pieces_locate_any_byte_range_and_survive_the_index(tmp_path):
+    from shardkit.bigmodel.offload import Stored, stamp
+
+    data = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(8, dtype=torch.int32), "b": torch.arange(100, 108, dtype=torch.int32)}, data)
+    store = OffloadStore({}, {}, str(tmp_path))
+    header = 8 + int.from_bytes(data.read_bytes()[:8], "little")
+    # a tensor made of b's last 16 bytes then a's first 16: bytes [12, 20) straddle the two pieces
+    stored = Stored(str(data), header + 48, 32, "I32", (8,), ((str(data), header + 48, 16), (str(data), header, 16)))
+    assert stored.locate(12, 8) == [(str(data), header + 60, 4, 0), (str(data), header, 4, 4)]
+    assert Stored(str(data), header, 32, "I32", (8,)).locate(4, 8) == [(str(data), header + 4, 8, 0)]
+    store.tensors["t"] = stored
+    store.stamps[str(data)] = stamp(str(data))
+    store.save()
+    reopened = OffloadStore.open(tmp_path)
+    assert reopened.tensors["t"] == stored
+    assert reopened.load("t").tolist() == [104, 105, 106, 107, 0, 1, 2, 3]

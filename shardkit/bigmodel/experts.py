@@ -291,8 +291,9 @@ def _disk_read(streamer, block, runs, places, target):
     pieces = []  # (file, file offset, offset in the compact slab, nbytes)
     for i, e, count in runs:
         for name, (offset, per) in places.items():
-            stored = store.tensors[name]
-            pieces.append((stored.file, stored.offset + e * per, offset + i * per, count * per))
+            # packed from per-expert tensors, one expert's bytes may lie in several runs of the file
+            for file, at_file, nbytes, within in store.tensors[name].locate(e * per, count * per):
+                pieces.append((file, at_file, offset + i * per + within, nbytes))
     if not streamer.cuda:
         return lambda: _read_pieces(streamer, store, target, pieces)
     index = streamer.host_next

@@ -19,6 +19,7 @@ from ..errors import CheckpointError, UsageError
 from ..materialize import load_tensor
 from ..reader import open_checkpoint
 from ..table import Checkpoint
+from ..write.derived import PiecedEntry, byte_ranges
 from . import slab
 from .devicemap import (
     block_module,
@@ -56,6 +57,34 @@ def _renamer(model, checkpoint: Checkpoint, names: list[str]):
     return lambda n: n
 
 
+_PACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def _with_packed_experts(model, checkpoint: Checkpoint, wanted: list[str]) -> Checkpoint:
+    """``checkpoint`` with per-expert tensors packed into the 3-D experts tensors ``model`` holds, if it must be.
+
+    transformers 5 models hold packed experts (``mlp.experts.gate_up_proj [E, 2I, H]``), while their
+    ``save_pretrained`` and nearly every MoE repo on the Hub store one tensor per expert. Packing is
+    concatenation, so each packed tensor becomes a list of byte pieces of the stored ones (nothing is
+    materialized; the disk tier reads the pieces where they lie), following transformers' own conversion
+    mapping as restated in :mod:`shardkit.write.moe`.
+    """
+    packed = [n for n in wanted if n.endswith(_PACKED)]
+    if not packed or all(n in checkpoint.entries for n in packed):
+        return checkpoint
+    if not any(_PER_EXPERT.search(n) for n in checkpoint.entries):
+        return checkpoint  # nothing to pack: the missing keys are reported as such
+    from dataclasses import replace
+
+    from ..write.moe import relayout_experts
+
+    config = getattr(model, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else None
+    entries, _ = relayout_experts(dict(checkpoint.entries), {}, "packed", config, checkpoint.source)
+    return replace(checkpoint, entries=entries)
+
+
 def load_checkpoint_in_model(
     model,
     checkpoint,
@@ -90,6 +119,7 @@ def load_checkpoint_in_model(
     main = main_device(device_map)
     targets = model_tensors(model)
     rename = _renamer(model, checkpoint, [n for t in targets for n in t.names])
+    checkpoint = _with_packed_experts(model, checkpoint, [rename(n) for t in targets for n in t.names])
     keep_fp32 = [re.compile(rf"(^|\.){re.escape(m)}(\.|$)") for m in keep_in_fp32_modules or []]
 
     missing, hopeless, used = [], [], set()
@@ -244,11 +274,15 @@ def _plan_disk(checkpoint: Checkpoint, by_entry: dict, order: list[str], offload
         for t in by_entry[name]:
             if t.device != "disk":
                 continue
-            fmt = checkpoint.file(entry.file).format if entry.file else ""
-            if fmt == "safetensors" and entry.offset is not None and torch_dtype(entry.dtype) == t.dtype:
-                plan.stored[t.names[0]] = Stored(entry.file, entry.offset, entry.nbytes, entry.dtype, tuple(entry.shape))
-                if entry.file not in plan.stamps:
-                    plan.stamps[entry.file] = stamp(entry.file)
+            ranges = byte_ranges(entry)
+            in_safetensors = bool(ranges) and all(checkpoint.file(f).format == "safetensors" for f, _, _ in ranges)
+            if in_safetensors and torch_dtype(entry.dtype) == t.dtype:
+                pieces = tuple(ranges) if len(ranges) > 1 else ()
+                file, offset, _ = ranges[0]
+                plan.stored[t.names[0]] = Stored(file, offset, entry.nbytes, entry.dtype, tuple(entry.shape), pieces)
+                for path, _, _ in ranges:
+                    if path not in plan.stamps:
+                        plan.stamps[path] = stamp(path)
             else:
                 to_write.setdefault(t.block, []).append(t)
     if to_write and offload_folder is None:
@@ -303,6 +337,7 @@ class _Job(NamedTuple):
     nbytes: int
     sinks: list
     on_gpu: bool
+    base: int = 0  # where the range's bytes start in the tensor (a tensor assembled from several ranges)
 
 
 def _plan_reads(checkpoint: Checkpoint, by_entry: dict, order: list[str], disk: _DiskPlan) -> tuple[list, list[_Job]]:
@@ -317,8 +352,15 @@ def _plan_reads(checkpoint: Checkpoint, by_entry: dict, order: list[str], disk: 
             continue
         source = torch_dtype(entry.dtype)
         sinks = [_sink(t, source, disk) for t in members]
-        if entry.offset is None:  # a strided view or a legacy file: materialize, then hand over whole
-            whole = slab.as_bytes(load_tensor(entry).contiguous())
+        ranges = byte_ranges(entry) if entry.offset is None else None
+        if ranges:  # assembled from byte pieces (packed experts): one read per run, each at its place in the tensor
+            on_gpu = any(t.device != "disk" and t.device.type == "cuda" for t in members)
+            base = 0
+            for file, offset, nbytes in ranges:
+                jobs.append(_Job(file, offset, nbytes, sinks, on_gpu, base))
+                base += nbytes
+        elif entry.offset is None:  # a strided view or a legacy file: materialize, then hand over whole
+            whole = slab.as_bytes(_materialize(entry).contiguous())
             for sink in sinks:
                 sink(whole, 0)
         elif len(members) == 1 and members[0].device != "disk" and members[0].device.type == "cpu" and source == members[0].dtype:
@@ -327,6 +369,17 @@ def _plan_reads(checkpoint: Checkpoint, by_entry: dict, order: list[str], disk: 
             on_gpu = any(t.device != "disk" and t.device.type == "cuda" for t in members)
             jobs.append(_Job(entry.file, entry.offset, entry.nbytes, sinks, on_gpu))
     return direct, jobs
+
+
+def _materialize(entry):
+    """A tensor that is not one plain byte range, read whole: a strided view, a legacy file, or byte pieces of
+    such entries (experts packed from a .bin checkpoint)."""
+    if isinstance(entry, PiecedEntry):
+        import torch
+
+        parts = [slab.as_bytes(load_tensor(p.entry).contiguous())[p.start : p.start + p.nbytes] for p in entry.pieces]
+        return torch.cat(parts).view(torch_dtype(entry.dtype)).view(entry.shape)
+    return load_tensor(entry)
 
 
 def _read_loop(jobs: list[_Job]) -> None:
@@ -348,7 +401,7 @@ def _read_loop(jobs: list[_Job]) -> None:
         for chunk in reader:
             job = jobs[chunk.job]
             for sink in job.sinks:
-                sink(chunk.data, chunk.start)
+                sink(chunk.data, job.base + chunk.start)
             event = None
             if job.on_gpu:
                 event = torch.cuda.Event()

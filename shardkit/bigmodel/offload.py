@@ -28,13 +28,33 @@ INDEX_FORMAT = "shardkit-offload/1"
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """``nbytes`` bytes of a ``dtype`` (safetensors name) tensor of ``shape`` at absolute ``offset`` in ``file``."""
+    """``nbytes`` bytes of a ``dtype`` (safetensors name) tensor of ``shape`` at absolute ``offset`` in ``file``.
+
+    A tensor assembled from several runs of bytes (MoE experts packed from per-expert tensors) lists them in
+    ``pieces`` as ``(file, absolute offset, nbytes)``, in order; ``file`` and ``offset`` are then its first run's.
+    """
 
     file: str
     offset: int
     nbytes: int
     dtype: str
     shape: tuple[int, ...]
+    pieces: tuple[tuple[str, int, int], ...] = ()
+
+    def locate(self, start: int, nbytes: int) -> list[tuple[str, int, int, int]]:
+        """The file runs holding bytes ``[start, start + nbytes)`` of the tensor: ``(file, offset, nbytes, at)``,
+        ``at`` being where each run's bytes begin relative to ``start``."""
+        if not self.pieces:
+            return [(self.file, self.offset + start, nbytes, 0)] if nbytes else []
+        runs, position, end = [], 0, start + nbytes
+        for file, offset, size in self.pieces:
+            lo, hi = max(start, position), min(end, position + size)
+            if lo < hi:
+                runs.append((file, offset + lo - position, hi - lo, lo - start))
+            position += size
+            if position >= end:
+                break
+        return runs
 
 
 def stamp(path: str) -> dict:
@@ -76,7 +96,14 @@ class OffloadStore:
             raise CheckpointError(path, f"is not a {INDEX_FORMAT} index", code="offload-changed")
         resolve = lambda f: f if os.path.isabs(f) else os.path.join(folder, f)  # noqa: E731
         tensors = {
-            name: Stored(resolve(t["file"]), t["offset"], t["nbytes"], t["dtype"], tuple(t["shape"]))
+            name: Stored(
+                resolve(t["file"]),
+                t["offset"],
+                t["nbytes"],
+                t["dtype"],
+                tuple(t["shape"]),
+                tuple((resolve(f), o, n) for f, o, n in t.get("pieces", ())),
+            )
             for name, t in data["tensors"].items()
         }
         stamps = {resolve(f): s for f, s in data["files"].items()}
@@ -119,7 +146,14 @@ class OffloadStore:
             "format": INDEX_FORMAT,
             "files": {rel(f): s for f, s in self.stamps.items()},
             "tensors": {
-                n: {"file": rel(t.file), "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)}
+                n: {
+                    "file": rel(t.file),
+                    "offset": t.offset,
+                    "nbytes": t.nbytes,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    **({"pieces": [[rel(f), o, size] for f, o, size in t.pieces]} if t.pieces else {}),
+                }
                 for n, t in self.tensors.items()
             },
         }
@@ -141,7 +175,11 @@ class OffloadStore:
     def runs(self, placement: dict[str, int]) -> list[tuple[str, int, int, int]]:
         """Reads that fill a slab: ``(file, file_offset, slab_offset, nbytes)`` for tensors at ``placement[name]``,
         merged wherever consecutive tensors are consecutive both in the file and in the slab."""
-        pieces = sorted((self.tensors[n].file, self.tensors[n].offset, at, self.tensors[n].nbytes) for n, at in placement.items())
+        pieces = sorted(
+            (file, offset, at + within, nbytes)
+            for n, at in placement.items()
+            for file, offset, nbytes, within in self.tensors[n].locate(0, self.tensors[n].nbytes)
+        )
         merged: list[list] = []
         for path, offset, at, nbytes in pieces:
             if nbytes == 0:
@@ -161,8 +199,9 @@ class OffloadStore:
 
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        if info.nbytes:
-            self.read_into(info.file, info.offset, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        for file, offset, nbytes, at in info.locate(0, info.nbytes):
+            self.read_into(file, offset, view[at : at + nbytes])
         return out
 
     def close(self) -> None:
