@@ -261,7 +261,9 @@ def results(folder: str) -> dict[tuple[str, str], Outcome]:
         sys.exit(f"compat_accelerate: pytest wrote no report in {folder}:\n{log[-3000:]}")
     out = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        file = case.get("file") or (case.get("classname", "").split(".")[0] + ".py")
+        # the class path names the test module (``file`` may name the module that defined a generated test)
+        classname = case.get("classname") or ""
+        file = classname.split(".")[0] + ".py" if classname else case.get("file", "")
         status, message = "passed", ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):

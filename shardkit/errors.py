@@ -228,8 +228,12 @@ class UnsafePathError(CheckpointError):
     code = "path-escapes-folder"
 
 
-class UsageError(ShardkitError):
-    """A bad argument: an unparsable size, an unknown dtype, a destination that can't be used."""
+class UsageError(ShardkitError, ValueError):
+    """A bad argument: an unparsable size, an unknown dtype, a destination that can't be used.
+
+    Also a ``ValueError``, so callers written for accelerate (``except ValueError``) catch a bad device map or
+    ``max_memory`` as they do there.
+    """
 
     code = "usage"
 

@@ -80,7 +80,8 @@ def pick_checkpoint(names: list[str], variant: str | None = None) -> str | None:
     """The checkpoint file or index among a folder's file ``names``, in transformers' order of preference.
 
     ``model.safetensors``, then its index, then ``pytorch_model.bin``, then its index (``variant`` applied);
-    else the only index, else the only checkpoint file. Returns None when there is none and raises
+    else the only index (any ``*.index.json`` when none has a checkpoint's name), else the only checkpoint
+    file. Returns None when there is none and raises
     ``ValueError`` listing the candidates when there are several.
     """
     present = set(names)
@@ -94,6 +95,8 @@ def pick_checkpoint(names: list[str], variant: str | None = None) -> str | None:
             return name
     ordered = sorted(present)
     indexes = [n for n in ordered if INDEX_RE.match(n) and (variant is None or INDEX_RE.match(n)["variant"] == variant)]
+    if not indexes and variant is None:  # accelerate's rule: a folder's only ``*.index.json``, whatever its name
+        indexes = [n for n in ordered if n.endswith(".index.json")]
     singles = [n for n in ordered if n.endswith(CHECKPOINT_SUFFIXES) and (variant is None or f".{variant}." in n)]
     for group in (indexes, singles):
         if len(group) == 1:

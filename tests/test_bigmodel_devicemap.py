@@ -197,9 +197,9 @@ def test_max_memory_keys_and_sizes():
 
 def test_check_device_map_errors_name_the_module():
     model = build("llama", empty=True)
-    with pytest.raises(UsageError, match="'model.decoder'"):
+    with pytest.warns(UserWarning, match="'model.decoder'"):  # accelerate warns about keys naming nothing
         check_device_map(model, {"": "cpu", "model.decoder": 0})
-    with pytest.raises(UsageError, match="no device for 'lm_head.weight'"):
+    with pytest.raises(UsageError, match="any device for the following parameters: 'lm_head.weight'"):
         check_device_map(model, {"model": "cpu"})
     with pytest.raises(UsageError, match="device 'gpu0'"):
         check_device_map(model, {"": "gpu0"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -203,15 +204,16 @@ def test_aliases_recorded_in_metadata_are_reloaded(tmp_path):
     assert torch.equal(untied.transformer.wte.weight, reference.transformer.wte.weight)
 
 
-def test_missing_keys_warn_by_default_and_raise_when_strict(saved, tmp_path):
+def test_missing_keys_warn_by_default_and_raise_when_strict(saved, tmp_path, caplog):
     folder, _ = saved["llama"]
     from builders import save_safetensors
 
     state = build("llama").state_dict()
     del state["model.layers.1.mlp.up_proj.weight"]
     save_safetensors(state, tmp_path / "model.safetensors")
-    with pytest.warns(UserWarning, match="model.layers.1.mlp.up_proj.weight"):
+    with caplog.at_level(logging.WARNING, logger="shardkit.bigmodel.loader"):
         load_checkpoint_in_model(build("llama"), tmp_path)
+    assert "not initialized from the model checkpoint" in caplog.text and "model.layers.1.mlp.up_proj.weight" in caplog.text
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight") as info:
         load_checkpoint_in_model(build("llama"), tmp_path, strict=True)
     assert info.value.code == "missing-keys"
@@ -228,17 +230,19 @@ def test_missing_key_of_an_empty_model_always_raises(tmp_path):
     assert info.value.code == "missing-keys"
 
 
-def test_unexpected_keys(tmp_path):
+def test_unexpected_keys(tmp_path, caplog):
     from builders import save_safetensors
 
     state = build("llama").state_dict()
     state["extra.weight"] = torch.ones(3)
     save_safetensors(state, tmp_path / "model.safetensors")
-    with pytest.warns(UserWarning, match="extra.weight"):
+    with caplog.at_level(logging.WARNING, logger="shardkit.bigmodel.loader"):
         result = load_checkpoint_in_model(build("llama"), tmp_path)
+    assert "were not used when initializing" in caplog.text and "extra.weight" in caplog.text
     assert result.unexpected_keys == ["extra.weight"] and result.missing_keys == []
-    with pytest.raises(CheckpointError, match="extra.weight"):
-        load_checkpoint_in_model(build("llama"), tmp_path, strict=True)
+    for caught in (CheckpointError, RuntimeError, ValueError):  # torch's strict load and accelerate raise these
+        with pytest.raises(caught, match="Unexpected key.*extra.weight"):
+            load_checkpoint_in_model(build("llama"), tmp_path, strict=True)
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
@@ -254,13 +258,13 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
 
 def test_device_map_naming_a_missing_module(saved):
     folder, _ = saved["llama"]
-    with pytest.raises(UsageError, match="'model.layers.7'"):
+    with pytest.warns(UserWarning, match="'model.layers.7'"):
         load_checkpoint_and_dispatch(build("llama", empty=True), folder, device_map={"model.layers.7": "cpu", "": "cpu"})
 
 
 def test_device_map_leaving_a_module_out(saved):
     folder, _ = saved["llama"]
-    with pytest.raises(UsageError, match="no device for 'lm_head.weight'"):
+    with pytest.raises(UsageError, match="any device for the following parameters: 'lm_head.weight'"):
         load_checkpoint_and_dispatch(build("llama", empty=True), folder, device_map={"model": "cpu"})
 
 

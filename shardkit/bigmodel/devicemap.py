@@ -197,19 +197,24 @@ def device_for(name: str, device_map: dict):
 
 
 def check_device_map(model, device_map: dict) -> None:
-    """Raise :class:`UsageError` when ``device_map`` names something ``model`` lacks or leaves a tensor without a device."""
+    """Raise :class:`UsageError` (a ``ValueError``) when ``device_map`` leaves a tensor without a device or gives a
+    device that is not one; warn (``UserWarning``, as accelerate does) about keys that name nothing in ``model``."""
     modules = dict(model.named_modules())
     tensors = [*dict(model.named_parameters(remove_duplicate=False)), *dict(model.named_buffers(remove_duplicate=False))]
     known = set(modules) | set(tensors)
     unknown = [k for k in device_map if k not in known]
     if unknown:
-        raise UsageError(f"device_map names {', '.join(map(repr, unknown[:5]))}, which the model does not have")
+        warnings.warn(
+            f"The following device_map keys do not match any submodules in the model: {unknown}", UserWarning, stacklevel=3
+        )
     for key, device in device_map.items():
         _check_device(key, device)
     uncovered = [n for n in tensors if device_for(n, device_map) is None]
     if uncovered:
         more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
-        raise UsageError(f"device_map gives no device for {', '.join(map(repr, uncovered[:5]))}{more}")
+        raise UsageError(
+            f"device_map does not give any device for the following parameters: {', '.join(map(repr, uncovered[:5]))}{more}"
+        )
 
 
 def _check_device(key: str, device) -> None:

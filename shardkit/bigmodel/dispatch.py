@@ -88,8 +88,12 @@ def dispatch_model(
     two staging slabs, prefetched one block ahead. The top-level forward returns outputs on the device its
     inputs came from. ``state_dict`` supplies values for offloaded tensors; ``offload_dir`` names a folder an
     earlier load offloaded into (or where weights of disk blocks are written now, if the model holds them);
-    ``offload_index`` is an :class:`~shardkit.bigmodel.offload.OffloadStore`. ``preload_module_classes`` is
-    accepted for compatibility: a whole block is always staged before its forward.
+    ``offload_index`` is an :class:`~shardkit.bigmodel.offload.OffloadStore`.
+
+    A block is staged whole before its module's forward runs, so a module whose forward reads a child's weights
+    without calling the child works whenever it is the block's module. ``preload_module_classes`` (class names,
+    as in accelerate) makes every module of those classes one block with all its submodules, whatever the map's
+    keys inside it, for such modules below the map's granularity.
 
     Mixture of experts: an offloaded block that is a transformers 5 experts module stages only the experts its
     router chose (``routed_experts=False`` stages it whole); ``expert_cache`` (bytes, or a size such as
@@ -97,7 +101,7 @@ def dispatch_model(
     """
     check_device_map(model, device_map)
     check_devices_present(device_map)
-    remove_hooks(model)
+    _detach_all(model)  # weights stay at rest: a disk-tier tensor keeps its place in the store for this dispatch
     model.hf_device_map = dict(device_map)
     options = DispatchOptions.resolve(
         model, device_map, main_device, offload_dir, offload_buffers, skip_keys, preload_module_classes, force_hooks
@@ -112,7 +116,7 @@ def dispatch_model(
     if store is None and offload_dir is not None and os.path.isfile(os.path.join(offload_dir, INDEX_NAME)):
         store = OffloadStore.open(offload_dir)
     modules = dict(model.named_modules())
-    groups = _group_by_block(model, device_map, modules)
+    groups = _group_by_block(model, device_map, modules, options.preload_module_classes)
     blocks, store = _build_blocks(groups, modules, options, store, state_dict, getattr(model, "_shardkit_host", None) or {})
     offloaded = [b for b in blocks if b.tier != "resident"]
     if routed_experts:
@@ -124,25 +128,34 @@ def dispatch_model(
         budget = parse_size(expert_cache) if isinstance(expert_cache, str) else int(expert_cache)
         streamer.expert_cache = ExpertCache(options.main_device, budget, max(b.experts.expert_bytes for b in routed))
     for block in blocks:
-        Hook(block.module, block.device, block, streamer, io_same_device=block.name == "", skip_keys=options.skip_keys).attach()
+        hook = Hook(block.module, block.device, block, streamer, block.name == "", options.skip_keys, options.offload_buffers)
+        hook.attach()
     if "" not in groups:
-        Hook(model, None, streamer=streamer, io_same_device=True).attach()
+        Hook(model, None, streamer=streamer, io_same_device=True, main=options.main_device).attach()
     model._shardkit_streamer = streamer
     model._shardkit_offload = store
     return model
 
 
-def _group_by_block(model, device_map: dict, modules: dict) -> dict[str, tuple[object, list[Target]]]:
+def _group_by_block(
+    model, device_map: dict, modules: dict, preload: tuple[str, ...] = ()
+) -> dict[str, tuple[object, list[Target]]]:
     """``{block module name: (device, targets)}``, blocks in module order: every tensor in the block whose hook will
-    manage it. A tensor tied across blocks (embeddings and LM head) is given to each block that uses it."""
+    manage it. A tensor tied across blocks (embeddings and LM head) is given to each block that uses it. A module
+    of a ``preload`` class takes over every block inside it."""
     groups: dict[str, tuple[object, list[Target]]] = {}
+    preloaded = [n for n, m in modules.items() if type(m).__name__ in preload]
 
     def block_of(tensor_name: str) -> tuple[str, object]:
         key = covering_key(tensor_name, device_map)
-        return block_module(key, tensor_name, modules), torch_device(device_map[key])
+        name = block_module(key, tensor_name, modules)
+        name = next((p for p in preloaded if not p or name == p or name.startswith(p + ".")), name)
+        return name, torch_device(device_map[key])
 
     for whole in model_tensors(model):
+        token = object()  # what the parts of one tensor share, to keep them one tensor when hooks are removed
         for (name, device), target in whole.split(block_of).items():
+            target.token = token
             previous = groups.get(name)
             if previous is not None and previous[0] != device:
                 raise UsageError(
@@ -231,6 +244,7 @@ def _offload(block: Block, targets: list[Target], loaded, store, state_dict, off
         specs.append((t.names[0], dtype, tuple(t.old.shape)))
     block.slots, block.nbytes = slab.layout(specs)
     block.places = [(m, a, p, t.names[0]) for t in targets for (m, a, p) in t.places]
+    block.ties = [getattr(t, "token", None) or t for t in targets for _ in t.places]
     if block.tier == "cpu":
         if loaded is not None and _same_layout(loaded[1], block.slots):
             block.host = loaded[0]  # the loader already read these weights into a pinned slab of this layout
@@ -299,29 +313,44 @@ def _write_disk(block: Block, targets: list[Target], store, state_dict, offload_
 
 
 def remove_hook_from_module(module, recurse: bool = False):
-    """Detach shardkit's hook from ``module`` (and its submodules with ``recurse``); offloaded weights stay at rest
-    (CPU tier in host memory, disk tier on the meta device)."""
-    targets = module.modules() if recurse else [module]
+    """Detach shardkit's hook from ``module`` (and its submodules with ``recurse``), as accelerate does: the module
+    runs its own forward again, with its weights where they rest: CPU-tier ones in host memory, disk-tier ones
+    read back from the offload store onto the CPU (tied weights stay tied). GPU blocks stay on their GPU."""
+    targets = list(module.modules()) if recurse else [module]
+    loaded: dict = {}
     for m in targets:
         hook = m.__dict__.get("_shardkit_hook")
         if hook is not None:
             hook.detach()
+            hook.restore(loaded)
+    if recurse:
+        streamer = module.__dict__.get("_shardkit_streamer")
+        if streamer is not None:
+            streamer.close()
+            module._shardkit_streamer = None
     return module
 
 
-def remove_hooks(model) -> None:
-    """Detach every shardkit hook from ``model`` and stop its streamer."""
-    remove_hook_from_module(model, recurse=True)
+def _detach_all(model) -> None:
+    for m in model.modules():
+        hook = m.__dict__.get("_shardkit_hook")
+        if hook is not None:
+            hook.detach()
     streamer = model.__dict__.get("_shardkit_streamer")
     if streamer is not None:
         streamer.close()
         model._shardkit_streamer = None
 
 
+def remove_hooks(model) -> None:
+    """Detach every shardkit hook from ``model`` and stop its streamer (see :func:`remove_hook_from_module`)."""
+    remove_hook_from_module(model, recurse=True)
+
+
 def load_checkpoint_and_dispatch(
     model,
     checkpoint,
-    device_map="auto",
+    device_map=None,
     max_memory: dict | None = None,
     no_split_module_classes=None,
     offload_folder=None,
@@ -332,12 +361,17 @@ def load_checkpoint_and_dispatch(
     preload_module_classes=None,
     force_hooks: bool = False,
     strict: bool = False,
+    full_state_dict: bool = True,
+    broadcast_from_rank0: bool = False,
     routed_experts: bool = True,
     expert_cache: int | str | None = None,
 ):
     """Plan (for a string ``device_map``), stream the checkpoint in, and dispatch: accelerate's one-call workflow.
 
-    ``device_map=None`` loads without dispatching. Returns the model.
+    ``device_map=None`` (the default, as in accelerate) loads without dispatching: tensors go where the model's
+    already are, meta ones to the CPU. ``offload_state_dict`` is accepted and has nothing to do: the load streams
+    tensor by tensor, so no state dict is ever held. ``full_state_dict`` and ``broadcast_from_rank0`` are checked
+    by :func:`load_checkpoint_in_model`. Returns the model.
     """
     if no_split_module_classes is None:
         no_split_module_classes = getattr(model, "_no_split_modules", None)
@@ -352,6 +386,8 @@ def load_checkpoint_and_dispatch(
         dtype=dtype,
         offload_buffers=offload_buffers,
         strict=strict,
+        full_state_dict=full_state_dict,
+        broadcast_from_rank0=broadcast_from_rank0,
     )
     if device_map is None:
         return model
@@ -369,13 +405,28 @@ def load_checkpoint_and_dispatch(
 
 
 def offload_blocks(model, no_split_module_classes=None) -> list[str]:
-    """Blocks for whole-model offload: no-split modules and modules without children, plus direct tensors of the rest."""
-    no_split = set(no_split_module_classes or getattr(model, "_no_split_modules", None) or ())
+    """Blocks for whole-model offload (the keys of ``cpu_offload``'s and ``disk_offload``'s maps).
+
+    A block is a module without children, a module of a no-split class (``no_split_module_classes`` and the
+    model's ``_no_split_modules``), or a module with a forward of its own below which only containers and
+    childless modules sit (an attention or MLP with its projections): its forward may read its children's
+    weights directly, and staging it whole makes that work without ``preload_module_classes``. Direct tensors
+    of other modules are blocks of their own; the root is never one block.
+    """
+    from torch import nn
+
+    no_split = set(no_split_module_classes or ()) | set(getattr(model, "_no_split_modules", None) or ())
     keys = []
+
+    def runs_itself(module) -> bool:
+        return type(module).forward is not nn.Module.forward and not isinstance(module, nn.Sequential)
+
+    def over_leaves(module) -> bool:
+        return all(not runs_itself(m) or not any(True for _ in m.children()) for m in list(module.modules())[1:])
 
     def walk(prefix, module):
         children = list(module.named_children())
-        if not children or type(module).__name__ in no_split:
+        if not children or type(module).__name__ in no_split or (prefix and runs_itself(module) and over_leaves(module)):
             keys.append(prefix)
             return
         dot = f"{prefix}." if prefix else ""
@@ -387,25 +438,43 @@ def offload_blocks(model, no_split_module_classes=None) -> list[str]:
     return keys
 
 
-def _default_execution_device():
-    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+def _default_execution_device(model):
+    """accelerate's rule: where the model's first parameter is (the CPU for a model on meta or without any)."""
+    first = next(iter(model.parameters()), None)
+    if first is None or first.device.type == "meta":
+        return torch.device("cpu")
+    return first.device
 
 
 def cpu_offload(model, execution_device=None, offload_buffers: bool = False, state_dict=None, preload_module_classes=None):
-    """Keep every weight in pinned host memory and stream it block by block to ``execution_device`` (default: GPU 0)."""
-    device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
-    device_map = {k: "cpu" for k in offload_blocks(model)}
+    """Keep every weight in host memory and stream it block by block to ``execution_device`` (default: the device
+    of the model's first parameter, as in accelerate). With a GPU execution device the host copies are pinned."""
+    device = torch.device(execution_device) if execution_device is not None else _default_execution_device(model)
+    device_map = {k: "cpu" for k in offload_blocks(model, preload_module_classes)}
     return dispatch_model(
-        model, device_map, main_device=device, state_dict=state_dict, offload_buffers=offload_buffers, force_hooks=True
+        model,
+        device_map,
+        main_device=device,
+        state_dict=state_dict,
+        offload_buffers=offload_buffers,
+        preload_module_classes=preload_module_classes,
+        force_hooks=True,
     )
 
 
 def disk_offload(model, offload_dir, execution_device=None, offload_buffers: bool = False, preload_module_classes=None):
-    """Write the model's weights once into ``offload_dir`` (or reuse what a load put there) and stream them from disk."""
+    """Write the model's weights once into ``offload_dir`` (or reuse what a load put there) and stream them from disk
+    to ``execution_device`` (default: the device of the model's first parameter, as in accelerate)."""
     if offload_dir is None:
         raise UsageError("disk_offload needs an offload_dir")
-    device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
-    device_map = {k: "disk" for k in offload_blocks(model)}
+    device = torch.device(execution_device) if execution_device is not None else _default_execution_device(model)
+    device_map = {k: "disk" for k in offload_blocks(model, preload_module_classes)}
     return dispatch_model(
-        model, device_map, main_device=device, offload_dir=offload_dir, offload_buffers=offload_buffers, force_hooks=True
+        model,
+        device_map,
+        main_device=device,
+        offload_dir=offload_dir,
+        offload_buffers=offload_buffers,
+        preload_module_classes=preload_module_classes,
+        force_hooks=True,
     )

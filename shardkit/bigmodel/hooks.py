@@ -13,6 +13,7 @@ same code runs synchronously.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ class Block:
     host: object = None  # cpu tier: uint8 host slab
     runs: list = field(default_factory=list)  # disk tier: (file, file offset, slab offset, nbytes)
     rest: list = field(default_factory=list)  # tensors installed between forwards
+    ties: list = field(default_factory=list)  # per place: a token shared by the places of one model tensor
     staged: list = field(default_factory=list)  # per ring slot: tensors installed during the forward
     experts: object = None  # experts.ExpertLayout when only the routed experts are staged (mixture of experts)
 
@@ -60,6 +62,7 @@ class Streamer:
         self.device = device
         self.cuda = device.type == "cuda"
         self.store = store
+        self.blocks = blocks
         size = max((b.nbytes for b in blocks), default=0)
         self.slabs = [slab.allocate(size, device) for _ in range(self.RING)]
         self.owner: list[Block | None] = [None] * self.RING
@@ -183,6 +186,25 @@ class Streamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
 
+    def __deepcopy__(self, memo):
+        """A copy of a dispatched model gets its own streamer (slabs, streams, threads) over the copied blocks.
+
+        The copied blocks may still be half-built here (deepcopy reaches the streamer through their modules), so
+        the new streamer is set up on first use.
+        """
+        import copy
+
+        new = Streamer.__new__(Streamer)
+        new.__dict__["_pending"] = (self.device, [copy.deepcopy(b, memo) for b in self.blocks], self.store)
+        return new
+
+    def __getattr__(self, name: str):
+        pending = self.__dict__.pop("_pending", None)
+        if pending is None:
+            raise AttributeError(name)
+        self.__init__(*pending)
+        return getattr(self, name)
+
     def close(self) -> None:
         for i in range(self.RING):
             try:
@@ -226,8 +248,57 @@ def first_device(args, kwargs):
     return None
 
 
+class BlockWeights(Mapping):
+    """A hooked block's tensors by name relative to its module, as CPU tensors: what ``_hf_hook.weights_map`` is.
+
+    transformers reads it to save an offloaded model (``load_offloaded_parameter``). Values come from the host
+    slab (CPU tier), the offload store (disk tier, read on each access) or the module itself (resident).
+    """
+
+    def __init__(self, hook: Hook) -> None:
+        self.hook = hook
+
+    def _places(self) -> dict:
+        block, prefix = self.hook.block, self.hook.prefix
+        places = {}
+        for index, (module, attr, _is_param, name) in enumerate(block.places if block is not None else []):
+            relative = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+            places.setdefault(relative, (index, module, attr, name))
+        return places
+
+    def __getitem__(self, key: str):
+        place = self._places().get(key)
+        if place is None:
+            raise KeyError(key)
+        index, module, attr, name = place
+        block = self.hook.block
+        if block.tier == "cpu":
+            return block.rest[index].data
+        if block.tier == "disk":
+            return block.store.load(name)
+        tensor = module._parameters.get(attr)
+        return (tensor if tensor is not None else module._buffers[attr]).data
+
+    def __iter__(self):
+        return iter(self._places())
+
+    def __len__(self) -> int:
+        return len(self._places())
+
+
 class Hook:
-    """Wraps one module's forward: stage its block (if offloaded), move inputs, and at the root move outputs back."""
+    """Wraps one module's forward: stage its block (if offloaded), move inputs, and at the root move outputs back.
+
+    Lifecycle: :meth:`attach` replaces the module's ``forward`` and exposes the hook as ``module._hf_hook`` (and
+    ``_shardkit_hook``); each call runs :meth:`pre_forward` (stage the block, move the inputs), the original
+    forward, and :meth:`post_forward` (put the block's at-rest tensors back, move outputs to the caller's device
+    at the root); :meth:`detach_hook` undoes :meth:`attach` and leaves the block's weights on the CPU.
+
+    The attributes transformers, PEFT and diffusers read on ``_hf_hook`` (``execution_device``, ``offload``,
+    ``io_same_device``, ``offload_buffers``, ``weights_map``, ``original_devices``) mean what they mean on
+    accelerate's ``AlignDevicesHook``; ``pre_forward(module)`` / ``post_forward(module, output)`` may be called
+    alone to make a block's weights available around other work, as they do.
+    """
 
     def __init__(
         self,
@@ -237,24 +308,114 @@ class Hook:
         streamer: Streamer | None = None,
         io_same_device: bool = False,
         skip_keys=(),
+        offload_buffers: bool = False,
+        main: torch.device | None = None,
     ) -> None:
         self.module = module
         self.device = device
+        self.main = main  # where the model runs, for a hook that moves nothing (the root's)
         self.block = block
         self.streamer = streamer
         self.io_same_device = io_same_device
         self.skip = frozenset(skip_keys or ())
+        self.offload_buffers = offload_buffers
+        self.prefix = f"{block.name}." if block is not None and block.name else ""
         self.original = module.forward
+        self.slots: list[int] = []  # staged slots, innermost last (pre_forward may be called around a forward)
+        self.callers: list = []
+
+    # -- what accelerate's AlignDevicesHook exposes --------------------------------------------------------------
+
+    @property
+    def execution_device(self) -> torch.device | None:
+        return self.device if self.device is not None else self.main
+
+    @execution_device.setter
+    def execution_device(self, device) -> None:
+        self.device = torch.device(device) if device is not None else None
+
+    @property
+    def offload(self) -> bool:
+        return self.block is not None and self.block.tier != "resident"
+
+    @property
+    def weights_map(self) -> BlockWeights | None:
+        return BlockWeights(self) if self.offload else None
+
+    @property
+    def original_devices(self) -> dict:
+        """Where each of the block's tensors is at rest: ``cpu`` (CPU tier) or ``meta`` (disk tier)."""
+        if not self.offload:
+            return {}
+        return {name: self.block.rest[index].device for name, (index, *_) in BlockWeights(self)._places().items()}
+
+    def init_hook(self, module):
+        return module
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
 
     def attach(self) -> None:
         self.module._shardkit_hook = self
+        self.module._hf_hook = self
         self.module.forward = self.forward
 
     def detach(self) -> None:
-        if "forward" in self.module.__dict__:
-            del self.module.forward
-        if self.module.__dict__.get("_shardkit_hook") is self:
-            del self.module._shardkit_hook
+        """Restore the module's own forward (the block's tensors stay as they are at rest)."""
+        for attr in ("forward", "_old_forward"):
+            self.module.__dict__.pop(attr, None)
+        for attr in ("_shardkit_hook", "_hf_hook"):
+            if self.module.__dict__.get(attr) is self:
+                del self.module.__dict__[attr]
+
+    def detach_hook(self, module):
+        """accelerate's name: detach and put the block's weights back on the CPU (a disk block is read back).
+
+        accelerate's ``remove_hook_from_module`` calls it and then deletes ``_hf_hook`` itself."""
+        for attr in ("forward", "_old_forward", "_shardkit_hook"):
+            self.module.__dict__.pop(attr, None)
+        self.restore()
+        return module
+
+    def restore(self, loaded: dict | None = None) -> None:
+        """Make the block's at-rest tensors real CPU tensors (disk-tier ones are read from the offload store);
+        ``loaded`` shares values between blocks of one model, so tied weights stay tied."""
+        block = self.block
+        if block is None or block.tier != "disk":
+            return
+        loaded = {} if loaded is None else loaded
+        values = []
+        for index, (_, _, is_param, name) in enumerate(block.places):
+            stored = block.store.tensors[name]
+            key = block.ties[index] if block.ties else (stored.file, stored.offset)
+            if key not in loaded:
+                loaded[key] = _wrap(block.store.load(name), is_param)
+            values.append(loaded[key])
+        block.rest = values
+        block.tier = "resident"
+        block.install(values)
+
+    def pre_forward(self, module=None, *args, **kwargs):
+        """Stage the block's weights on the execution device and move ``args``/``kwargs`` there."""
+        block = self.block
+        if block is not None and block.tier != "resident":
+            slot = self.streamer.acquire(block)
+            self.slots.append(slot)
+            block.install(block.staged[slot])
+        elif self.streamer is not None:
+            self.streamer.prefetch()
+        if self.device is not None:
+            args = move(args, self.device)
+            kwargs = move(kwargs, self.device, self.skip)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        """Put the block's at-rest tensors back (the staging slab may be refilled once the compute has run)."""
+        if self.slots:
+            slot = self.slots.pop()
+            block = self.block
+            block.install(block.rest)
+            self.streamer.release(block, slot)
+        return output
 
     def forward(self, *args, **kwargs):
         block = self.block
@@ -265,30 +426,21 @@ class Hook:
     def run_staged(self, args, kwargs):
         """Stage the whole block (if offloaded), move the inputs, run, and put the tensors at rest back."""
         caller = first_device(args, kwargs) if self.io_same_device else None
-        slot = None
-        block = self.block
-        if block is not None and block.tier != "resident":
-            slot = self.streamer.acquire(block)
-            block.install(block.staged[slot])
-        elif self.streamer is not None:
-            self.streamer.prefetch()
+        args, kwargs = self.pre_forward(self.module, *args, **kwargs)
         try:
-            if self.device is not None:
-                args = move(args, self.device)
-                kwargs = move(kwargs, self.device, self.skip)
             output = self.call(args, kwargs)
         finally:
-            if slot is not None:
-                block.install(block.rest)
-                self.streamer.release(block, slot)
+            self.post_forward(self.module, None)
         if caller is not None:
             output = move(output, caller)
         return output
 
     def call(self, args, kwargs):
         """The wrapped forward, with a GPU out-of-memory error turned into one that names the block."""
+        # transformers may swap the wrapped forward (``keep_accelerate_hooks``) by setting ``_old_forward``
+        original = self.module.__dict__.get("_old_forward", self.original)
         try:
-            return self.original(*args, **kwargs)
+            return original(*args, **kwargs)
         except torch.OutOfMemoryError as exc:
             if isinstance(exc, OutOfMemoryError):
                 raise

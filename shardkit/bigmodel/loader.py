@@ -8,9 +8,9 @@ as they are read, ready for the dispatcher's one-copy-per-block streaming; pinni
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -34,6 +34,31 @@ from .measure import as_torch_dtype
 from .offload import OffloadStore, OffloadWriter, Stored, stamp
 from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, ReadAhead, read_direct
 from .targets import Target, model_tensors
+
+logger = logging.getLogger(__name__)
+
+
+class StateDictMismatchError(CheckpointError, RuntimeError, ValueError):
+    """``strict=True`` and the checkpoint's keys differ from the model's.
+
+    Both a ``RuntimeError`` (what ``torch.nn.Module.load_state_dict(strict=True)`` raises, and accelerate without a
+    device map) and a ``ValueError`` (accelerate with one), so either ``except`` clause catches it.
+    """
+
+    def __init__(self, source: str, model: str, missing: list[str], unexpected: list[str]) -> None:
+        self.missing_keys, self.unexpected_keys = missing, unexpected
+        parts = []
+        if missing:
+            parts.append(f"Missing key(s) in state_dict: {_listed(missing)}.")
+        if unexpected:
+            parts.append(f"Unexpected key(s) in state_dict: {_listed(unexpected)}.")
+        code = "missing-keys" if missing else "unexpected-keys"
+        super().__init__(source, f"Error(s) in loading state_dict for {model}: {' '.join(parts)}", code=code)
+
+
+def _listed(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(f'"{n}"' for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class LoadResult(NamedTuple):
@@ -94,7 +119,10 @@ def load_checkpoint_in_model(
     offload_state_dict: bool = False,
     offload_buffers: bool = False,
     keep_in_fp32_modules: list[str] | None = None,
+    offload_8bit_bnb: bool = False,
     strict: bool = False,
+    full_state_dict: bool = True,
+    broadcast_from_rank0: bool = False,
 ) -> LoadResult:
     """Load ``checkpoint`` (anything :func:`shardkit.open_checkpoint` opens, or a Checkpoint) into ``model``.
 
@@ -104,11 +132,19 @@ def load_checkpoint_in_model(
     (pointing into the checkpoint's own safetensors files when no cast is needed; otherwise written once into
     ``offload_folder``). Buffers of offloaded modules go to the main device unless ``offload_buffers``.
 
-    Missing and unexpected keys are warned about, or raise with ``strict=True``; a missing tensor the model has no
-    value for (meta) always raises. ``offload_state_dict`` is accepted for compatibility: loading is streamed anyway.
+    Missing and unexpected keys are logged (logger ``shardkit.bigmodel.loader``, WARNING, accelerate's wording for
+    unexpected ones), or raise :class:`StateDictMismatchError` (a ``RuntimeError`` and a ``ValueError``) with
+    ``strict=True``; a missing tensor the model has no value for (meta) always raises.
+
+    accelerate's remaining parameters: ``offload_state_dict`` has nothing to do (no state dict is ever held);
+    ``offload_8bit_bnb`` is honoured trivially for models without bitsandbytes 8-bit weights and refused for models
+    with them; ``full_state_dict=False`` and ``broadcast_from_rank0=True`` (torch.distributed state dicts) are refused
+    with a :class:`UsageError`: every process reads the checkpoint's full tensors from the files itself.
     Returns the missing and unexpected keys.
     """
     import torch
+
+    _check_unsupported(model, device_map, offload_8bit_bnb, full_state_dict, broadcast_from_rank0)
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
@@ -157,19 +193,26 @@ def load_checkpoint_in_model(
             "model has no value for it (built on the meta device)",
             code="missing-keys",
         )
-    problems = []
-    if missing:
-        problems.append(
-            f"missing {len(missing)} tensor(s) the model has: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-        )
+    if strict and (missing or unexpected):
+        raise StateDictMismatchError(checkpoint.source, type(model).__name__, missing, unexpected)
     if unexpected:
-        problems.append(
-            f"{len(unexpected)} tensor(s) the model lacks: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        # accelerate's wording (users and tests grep for "were not used when initializing")
+        logger.warning(
+            "Some weights of the model checkpoint at %s were not used when initializing %s: %s. This may or may not be "
+            "an issue - make sure that the checkpoint does not have unnecessary parameters, or that the model "
+            "definition correctly corresponds to the checkpoint.",
+            checkpoint.source,
+            type(model).__name__,
+            _listed(unexpected),
         )
-    if problems:
-        if strict:
-            raise CheckpointError(checkpoint.source, "; ".join(problems), code="missing-keys" if missing else "unexpected-keys")
-        warnings.warn(f"{checkpoint.source}: {'; '.join(problems)} (missing ones keep their initial values)", stacklevel=2)
+    if missing:
+        # transformers' wording; accelerate says nothing and leaves them as they are
+        logger.warning(
+            "Some weights of %s were not initialized from the model checkpoint at %s and keep their initial values: %s",
+            type(model).__name__,
+            checkpoint.source,
+            _listed(missing),
+        )
 
     loaded = [t for t in targets if t.entry is not None]
     modules = dict(model.named_modules())
@@ -181,6 +224,21 @@ def load_checkpoint_in_model(
     store = _stream(checkpoint, loaded, offload_folder)
     _install(model, targets, host, store, offload_folder)
     return LoadResult(missing, unexpected)
+
+
+def _check_unsupported(model, device_map, offload_8bit_bnb, full_state_dict, broadcast_from_rank0) -> None:
+    if not full_state_dict:
+        raise UsageError(
+            "full_state_dict=False (a sharded torch.distributed state dict) is not supported: shardkit loads the "
+            "checkpoint's full tensors"
+        )
+    if broadcast_from_rank0:
+        raise UsageError(
+            "broadcast_from_rank0=True is not supported: every process streams the tensors it needs from the "
+            "checkpoint files itself; load without it"
+        )
+    if offload_8bit_bnb and device_map and any(type(p).__name__ == "Int8Params" for p in model.parameters()):
+        raise UsageError("offload_8bit_bnb=True: shardkit does not offload bitsandbytes 8-bit weights; keep them on a GPU")
 
 
 def _place(target: Target, device_map, main, offload_buffers: bool) -> None:

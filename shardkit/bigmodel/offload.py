@@ -204,6 +204,9 @@ class OffloadStore:
             self.read_into(file, offset, view[at : at + nbytes])
         return out
 
+    def __deepcopy__(self, memo):
+        return self  # read-only view of files: copies of a dispatched model share it
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
