@@ -108,6 +108,18 @@ CATALOGUE: dict[str, CodeInfo] = {
     "storage-too-short": _e("file", "A tensor view reaches past the end of its storage."),
     "legacy-corrupt": _e("file", "A legacy (pre-1.6) torch file that torch's weights-only loader cannot read."),
     "not-checked": _w("file", "A file that could not be checked remotely (legacy torch format); download it to check."),
+    # DCP (torch.distributed.checkpoint) folders
+    "dcp-metadata-missing": _e("file", "A DCP folder without its .metadata file (the .distcp files cannot be read without it)."),
+    "dcp-metadata-invalid": _e("file", "The DCP .metadata is not a well-formed pickle of DCP's metadata classes."),
+    "dcp-file-missing": _e("file", "A .distcp file that .metadata stores chunks in is missing."),
+    "dcp-truncated": _e("file", "A chunk's byte range runs past the end of its .distcp file (truncated copy?)."),
+    "dcp-chunk-missing": _e("file", "A tensor chunk or bytes item that .metadata lists has no storage record."),
+    "dcp-chunk-invalid": _e("file", "A chunk's bytes are neither a torch.save archive nor part of a safetensors blob."),
+    "dcp-chunk-mismatch": _e("file", "A chunk's stored dtype or shape differs from what .metadata declares."),
+    "dcp-chunk-gap": _e("file", "A tensor's chunks leave part of it uncovered."),
+    "dcp-chunk-overlap": _e("file", "Two chunks of a tensor cover the same elements."),
+    "dcp-chunk-out-of-bounds": _e("file", "A chunk reaches outside its tensor's global shape."),
+    "dcp-transformed": _e("file", "A chunk is stored through DCP stream transforms (compression), which shardkit does not read."),
     # layout (validate)
     "shard-numbering": _e(
         "layout", "Shard names disagree with the shard count (model-00003-of-00005 with another number of files)."

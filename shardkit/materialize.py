@@ -21,6 +21,8 @@ def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None):
     """
     import torch
 
+    if entry.offset is None and entry.chunks:
+        return _load_chunked(entry)
     if entry.offset is None and entry.storage is None:
         tensor = load_legacy(entry.file)[entry.name]
         return tensor.clone() if not tensor.is_contiguous() else tensor
@@ -41,3 +43,41 @@ def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None):
     finally:
         if own:
             handle.close()
+
+
+def _load_chunked(entry: TensorEntry):
+    """A tensor saved in chunks (DCP): assembled by rows without torch when every chunk is one byte run, else
+    chunk by chunk into its block of the result."""
+    import os
+
+    import torch
+
+    from .write.assemble import assembled, can_assemble
+
+    dtype = torch_dtype(entry.dtype)
+    fds: dict[str, int] = {}
+
+    def fd_of(path: str) -> int:
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
+
+    try:
+        if can_assemble(entry):
+            raw = bytearray(entry.nbytes)
+            position = 0
+            for piece in assembled(entry, fd_of):
+                raw[position : position + len(piece)] = piece
+                position += len(piece)
+            if not raw:
+                return torch.empty(entry.shape, dtype=dtype)
+            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry.shape)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    result = torch.empty(entry.shape, dtype=dtype)
+    for chunk in entry.chunks:
+        if chunk.numel:
+            block = result[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))]
+            block.copy_(load_tensor(chunk.entry).reshape(chunk.sizes))
+    return result

@@ -1,7 +1,8 @@
 """Open any checkpoint layout as one :class:`~shardkit.table.Checkpoint`, reading headers only.
 
 Accepted: a single ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file, an ``*.index*.json`` file, a folder
-holding either, and a local Hugging Face cache (a ``models--org--name`` folder or one of its snapshots).
+holding either, a local Hugging Face cache (a ``models--org--name`` folder or one of its snapshots), and a
+torch.distributed.checkpoint folder (or its ``.metadata`` file).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import orjson
 
 from .errors import CheckpointError, UnsafePathError
 from .formats import open_file
+from .formats.dcp import is_dcp, read_dcp
 from .naming import format_of_name, pick_checkpoint
 from .table import Checkpoint, FileInfo, IndexInfo, TensorEntry
 
@@ -34,6 +36,8 @@ def open_checkpoint(path: str | os.PathLike, *, variant: str | None = None, revi
     target = Path(source)
     if not target.exists():
         raise CheckpointError(source, "no such file or folder", code="missing-file")
+    if is_dcp(target):
+        return read_dcp(source, target)
     if target.is_dir():
         target = _resolve_folder(_resolve_cache_repo(target, revision), variant)
     if target.name.endswith(".json"):
@@ -126,6 +130,12 @@ def _resolve_folder(folder: Path, variant: str | None) -> Path:
         raise CheckpointError(
             str(folder), f"holds several checkpoints ({exc}); pass the file or index to use", code="ambiguous"
         ) from None
+    if selected is None and any(p.name.endswith(".distcp") for p in folder.iterdir()):
+        raise CheckpointError(
+            str(folder / ".metadata"),
+            "is missing: the folder holds DCP .distcp files, which cannot be read without it",
+            code="dcp-metadata-missing",
+        )
     if selected is None:
         what = f" for variant {variant!r}" if variant else ""
         raise CheckpointError(

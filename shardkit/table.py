@@ -23,6 +23,24 @@ class Storage:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """One block of a tensor whose bytes were saved in pieces (a DCP shard, an expert of a packed tensor).
+
+    The block starts at ``offsets`` in the global tensor and spans ``sizes``; ``entry`` describes its bytes, in
+    C order, like any stored tensor (it may be a strided view). ``entry.shape`` may differ from ``sizes`` (a
+    reshape), never its element count.
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    entry: TensorEntry
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One named tensor.
 
@@ -33,6 +51,10 @@ class TensorEntry:
 
     ``alias_of`` names the entry whose bytes this one shares exactly (tied weights); an alias is never stored
     twice and is not counted in a checkpoint's totals.
+
+    ``chunks`` is set for a tensor assembled from blocks (see :class:`Chunk`), which tile its shape exactly once
+    (readers refuse gaps and overlaps). ``offset`` and ``storage`` then stay None unless a single chunk is the
+    whole tensor; :attr:`ranges` says when the chunks are nonetheless a plain list of byte ranges.
     """
 
     name: str
@@ -45,6 +67,7 @@ class TensorEntry:
     storage_offset: int = 0
     stride: tuple[int, ...] | None = None
     alias_of: str | None = None
+    chunks: tuple[Chunk, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -54,6 +77,27 @@ class TensorEntry:
     def byte_range(self) -> tuple[int, int] | None:
         """``(start, stop)`` absolute offsets in ``file``, or None when the bytes are not one run."""
         return None if self.offset is None else (self.offset, self.offset + self.nbytes)
+
+    @property
+    def ranges(self) -> list[tuple[str, int, int]] | None:
+        """The tensor's bytes in C order as ``(file, start, nbytes)`` runs, or None when they are no such list.
+
+        One run for a contiguous tensor; for a chunked one, its chunks in order when each is contiguous and they
+        are whole slabs along dimension 0 (FSDP's ``Shard(0)``, packed experts), empty chunks left out. Any
+        other layout (``Shard(1)``, 2-D meshes, strided chunks) needs :mod:`shardkit.write.assemble`.
+        """
+        if self.offset is not None:
+            return [(self.file, self.offset, self.nbytes)]
+        if not self.chunks:
+            return None
+        runs = []
+        for chunk in sorted(self.chunks, key=lambda c: c.offsets):
+            if chunk.numel == 0:
+                continue
+            if chunk.entry.offset is None or tuple(chunk.sizes[1:]) != tuple(self.shape[1:]):
+                return None
+            runs.append((chunk.entry.file, chunk.entry.offset, chunk.entry.nbytes))
+        return runs
 
 
 @dataclass(slots=True)
@@ -88,6 +132,8 @@ class Checkpoint:
     files: list[FileInfo]
     root: str | None = None
     index: IndexInfo | None = None
+    #: DCP: each flat name's key path in the nested state dict it was saved from (``("model", "lm_head.weight")``)
+    key_paths: dict[str, tuple] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.entries.values())

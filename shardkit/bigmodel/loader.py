@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from ..dtypes import from_torch_dtype, torch_dtype
 from ..errors import CheckpointError, UsageError
+from ..formats.dcp import model_weights
 from ..materialize import load_tensor
 from ..reader import open_checkpoint
 from ..table import Checkpoint
@@ -148,6 +149,7 @@ def load_checkpoint_in_model(
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
+    checkpoint, _ = model_weights(checkpoint)  # a DCP training state dict: its model group
     dtype = as_torch_dtype(dtype)
     if device_map is not None:
         check_device_map(model, device_map)

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..hub.remote import looks_like_repo_id
-from ..inspect import summarize
+from ..inspect import split_dims, summarize
 from ..reader import open_checkpoint
 from ..units import format_size
 from . import emit_json, hub_options
@@ -46,6 +46,7 @@ def inspect_command(
     if list_tensors:
         summary["tensor_list"] = [
             {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "file": e.file, "alias_of": e.alias_of}
+            | ({"chunks": len(e.chunks), "split_dims": list(split_dims(e))} if e.chunks else {})
             for e in checkpoint
         ]
     if as_json:
@@ -86,6 +87,18 @@ def render(summary: dict) -> str:
             f"  {info['path']:<{name_width}}  {format_size(info['size']):>10}  {info['tensors']:>6,} tensors  {info['format']}"
         )
 
+    if "groups" in summary:
+        lines.append("")
+        lines.append("groups")
+        for group, row in summary["groups"].items():
+            items = f"  {row['items']:>4,} other items" if row["items"] else ""
+            lines.append(f"  {group:<16} {row['tensors']:>7,} tensors  {format_size(row['bytes']):>10}{items}")
+        lines.append("")
+        sharding = summary["sharding"]
+        lines.append(f"sharding ({sharding['byte_range_copies']:,} tensors are plain byte-range copies)")
+        for layout, row in sharding["layouts"].items():
+            chunks = row["chunks_min"] if row["chunks_min"] == row["chunks_max"] else f"{row['chunks_min']}-{row['chunks_max']}"
+            lines.append(f"  {layout:<10} {row['tensors']:>7,} tensors  {format_size(row['bytes']):>10}  {chunks} chunk(s) each")
     if summary["aliases"]:
         lines.append("")
         lines.append("aliases (share bytes with)")

@@ -50,8 +50,9 @@ def plan_command(
         source = "config"
     else:
         from ..bigmodel.headers import REPEATED, checkpoint_tree
+        from ..formats.dcp import model_weights
 
-        root, sizes, tied = checkpoint_tree(open_checkpoint(checkpoint), dtype)
+        root, sizes, tied = checkpoint_tree(model_weights(open_checkpoint(checkpoint))[0], dtype)
         device_map = plan(root, sizes, budget, {REPEATED, *no_split}, tied)
         source = "headers"
     per_device: dict[str, int] = {}

@@ -190,6 +190,8 @@ def report(summary: WriteSummary, as_json: bool) -> None:
             f"  {len(summary.dropped)} shared name(s) recorded in metadata: "
             + ", ".join(f"{a} -> {k}" for a, k in list(summary.dropped.items())[:3])
         )
+    for note in summary.notes:
+        click.echo(f"  note: {note}")
     if summary.materialized:
         click.echo(f"  {summary.materialized} tensor(s) materialized (cast, view or legacy file)")
     if summary.verified:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import posixpath
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -238,3 +239,201 @@ class RestrictedUnpickler(pickle._Unpickler):
             raise CheckpointError(
                 self._path, f"data.pkl is not a valid torch pickle ({type(exc).__name__}: {exc})"[:300], code="pickle-invalid"
             ) from None
+
+
+# --- DCP ``.metadata``: torch.distributed.checkpoint's metadata classes as inert records -------------------------
+#
+# A separate allow-list, used only for ``.metadata`` files: the state-dict unpickler above admits none of these.
+# Each class becomes a plain record that only BUILD (with a dict of its known fields, or TensorProperties' tuple)
+# can fill; no method of the record runs on unpickling and nothing is imported.
+
+
+class DcpRecord:
+    """Base of the stand-ins for DCP's metadata dataclasses: known fields only, unknown ones refused."""
+
+    __slots__: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            object.__setattr__(self, name, None)
+
+    def fill(self, state: object) -> None:
+        if not isinstance(state, dict) or not all(isinstance(k, str) and k in self.fields for k in state):
+            raise TypeError(f"unexpected state for {type(self).__name__}")
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self.fields)})"
+
+
+class DcpMetadata(DcpRecord):
+    """``Metadata``: the tensor and bytes items of the state dict, and where each chunk is stored."""
+
+    __slots__ = fields = ("state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version")
+
+
+class DcpTensorMeta(DcpRecord):
+    """``TensorStorageMetadata``: a tensor's properties, global size and chunks."""
+
+    __slots__ = fields = ("properties", "size", "chunks")
+
+
+class DcpBytesMeta(DcpRecord):
+    """``BytesStorageMetadata``: a non-tensor item (pickled with ``torch.save``)."""
+
+    __slots__ = fields = ()
+
+
+class DcpChunkMeta(DcpRecord):
+    """``ChunkStorageMetadata``: one block of a tensor, by its offsets and sizes in the global tensor."""
+
+    __slots__ = fields = ("offsets", "sizes")
+
+
+class DcpProperties(DcpRecord):
+    """``TensorProperties``; torch pickles its state as ``(dtype, layout, requires_grad, memory format, pin_memory)``."""
+
+    __slots__ = fields = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+
+    def fill(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) == len(self.fields):
+            state = dict(zip(self.fields, state))
+        super().fill(state)
+
+
+class DcpIndex(DcpRecord):
+    """``MetadataIndex``: the key of a chunk in ``storage_data`` (fqn and chunk offsets; ``index`` is a hint)."""
+
+    __slots__ = fields = ("fqn", "offset", "index")
+
+    def key(self) -> tuple:
+        return (self.fqn, self.offset)
+
+
+class DcpStorageInfo(DcpRecord):
+    """``_StorageInfo``: ``length`` bytes at ``offset`` in the file ``relative_path``."""
+
+    __slots__ = fields = ("relative_path", "offset", "length", "transform_descriptors")
+
+
+class DcpStorageMeta(DcpRecord):
+    """``StorageMeta``: checkpoint and save ids (unused by shardkit)."""
+
+    __slots__ = fields = ("checkpoint_id", "save_id", "load_id", "modules")
+
+
+def _only_str(*parts):
+    # PosixPath(checkpoint dir) and _get_layout("torch.strided") become their strings.
+    if not parts or not all(isinstance(part, str) for part in parts):
+        raise TypeError("expected strings")
+    return posixpath.join(*parts)
+
+
+def _int_code(value):
+    # _MEM_FORMAT_ENCODING(0): an enum member by value, kept as the int.
+    if not is_count(value):
+        raise TypeError("expected an int")
+    return value
+
+
+def _dcp_allowed_globals() -> dict[tuple[str, str], object]:
+    meta = "torch.distributed.checkpoint.metadata"
+    allowed: dict[tuple[str, str], object] = {
+        (meta, "Metadata"): DcpMetadata,
+        (meta, "TensorStorageMetadata"): DcpTensorMeta,
+        (meta, "BytesStorageMetadata"): DcpBytesMeta,
+        (meta, "ChunkStorageMetadata"): DcpChunkMeta,
+        (meta, "TensorProperties"): DcpProperties,
+        (meta, "MetadataIndex"): DcpIndex,
+        (meta, "StorageMeta"): DcpStorageMeta,
+        (meta, "_MEM_FORMAT_ENCODING"): _int_code,
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): DcpStorageInfo,
+        ("torch.serialization", "_get_layout"): _only_str,
+        ("torch", "Size"): tuple,
+        ("pathlib", "PosixPath"): _only_str,
+        ("pathlib", "WindowsPath"): _only_str,
+        ("pathlib", "PurePosixPath"): _only_str,
+        ("pathlib", "PureWindowsPath"): _only_str,
+    }
+    for torch_name, dtype in FROM_TORCH_NAME.items():
+        allowed[("torch", torch_name)] = _Dtype(dtype)
+    return allowed
+
+
+_DCP_ALLOWED = _dcp_allowed_globals()
+_DCP_RECORDS = tuple(cls for cls in _DCP_ALLOWED.values() if isinstance(cls, type) and issubclass(cls, DcpRecord))
+
+
+class DcpMetadataUnpickler(pickle._Unpickler):
+    """Unpickles a DCP ``.metadata`` file into :class:`DcpRecord` stand-ins, plain containers and strings.
+
+    Globals resolve only through ``_DCP_ALLOWED``; NEWOBJ creates only :class:`DcpRecord` stand-ins; BUILD fills
+    only their known fields. Persistent ids (there are none in ``.metadata``) are refused.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _load_build(self):
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, _DCP_RECORDS):
+            raise UnsafePickleError(
+                self._path,
+                f"pickle uses BUILD on a {type(target).__name__}, which DCP metadata never needs; nothing was executed",
+            )
+        target.fill(state)
+
+    def _load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if cls not in _DCP_RECORDS or args != ():
+            raise UnsafePickleError(self._path, "pickle creates an object DCP metadata never holds; nothing was executed")
+        self.append(cls())
+
+    def _load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if cls not in _DCP_RECORDS or args != () or kwargs:
+            raise UnsafePickleError(self._path, "pickle creates an object DCP metadata never holds; nothing was executed")
+        self.append(cls())
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.NEWOBJ[0]] = _load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+
+    def __init__(self, path: str, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _DCP_ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                self._path,
+                f"pickle references {module}.{name}, which is not one of DCP's metadata classes; nothing was executed",
+            ) from None
+
+    def persistent_load(self, pid):
+        raise CheckpointError(self._path, "DCP metadata holds a persistent id, which it never does", code="dcp-metadata-invalid")
+
+    def load(self) -> DcpMetadata:
+        try:
+            result = super().load()
+        except CheckpointError:
+            raise
+        except RecursionError:
+            raise CheckpointError(self._path, "DCP metadata nests too deeply", code="dcp-metadata-invalid") from None
+        except Exception as exc:
+            raise CheckpointError(
+                self._path, f"not a valid DCP metadata pickle ({type(exc).__name__}: {exc})"[:300], code="dcp-metadata-invalid"
+            ) from None
+        if not isinstance(result, DcpMetadata):
+            raise CheckpointError(self._path, f"holds a {type(result).__name__}, not DCP Metadata", code="dcp-metadata-invalid")
+        return result

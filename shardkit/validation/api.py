@@ -7,10 +7,12 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError, HubError
+from ..formats.dcp import dcp_folder
 from ..hub.remote import looks_like_repo_id
 from ..naming import pick_checkpoint
 from ..reader import _resolve_cache_repo
 from .checks import check_checkpoint
+from .dcp import check_dcp, is_dcp_target
 from .report import Report
 from .sources import LocalFolder
 
@@ -53,11 +55,16 @@ def validate(
                 raise HubError(f"{exc}; nor is there a local file or folder {label!r}", code=exc.code) from None
             raise
         selected, whole_folder = _select(source, label, variant), True
+    elif local.exists() and is_dcp_target(local):
+        source, selected, whole_folder = LocalFolder(dcp_folder(local)), None, False
     else:
         source, selected, whole_folder = _locate_local(local, subfolder, variant, revision)
 
     report = Report(target=label, checkpoint=selected)
-    checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
+    if selected is None:  # a DCP training checkpoint
+        checkpoint = check_dcp(local, report)
+    else:
+        checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
     unchecked = {f.file for f in report.findings if f.code == "not-checked"}
     if (checkpoint is not None or unchecked) and (deep or checksums):
         from .deep import check_data

@@ -45,6 +45,7 @@ class WriteSummary:
     #: with transforms: ``[{"from": [source names], "to": output name, "how": ...}]`` (``--dry-run`` prints it)
     mapping: list[dict] | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was chosen for the user (a DCP source's model group)
     materialized: int = 0  # tensors that went through torch (casts, views, legacy files)
     verified: bool = False
     dry_run: bool = False
@@ -168,9 +169,9 @@ def run_split(
     parsed config.json (default: the one beside the checkpoint). ``options``: ``overwrite``, ``verify``,
     ``dry_run``, ``progress`` (see :func:`write`).
     """
-    transformed, casts, options = _transform(checkpoint, dtype, transforms, config, options)
+    transformed, casts, options, notes = _transform(checkpoint, dtype, transforms, config, options)
     plan = plan_split(transformed.checkpoint, parse_size(max_shard_size), format, casts)
-    return write(checkpoint, plan, dst, transformed=transformed, **options)
+    return write(checkpoint, plan, dst, transformed=transformed, notes=notes, **options)
 
 
 def run_convert(
@@ -184,7 +185,13 @@ def run_convert(
     config: dict | None = None,
     **options,
 ) -> WriteSummary:
-    """Rewrite ``checkpoint`` in ``format`` keeping its file layout, or repacked when ``max_shard_size`` is given."""
+    """Rewrite ``checkpoint`` in ``format`` keeping its file layout, or repacked when ``max_shard_size`` is given.
+
+    A DCP checkpoint has no layout worth keeping (its tensors span the ranks' files): it is repacked into shards
+    of :data:`DEFAULT_MAX_SHARD_SIZE`.
+    """
+    if max_shard_size is None and checkpoint.format == "dcp":
+        max_shard_size = DEFAULT_MAX_SHARD_SIZE
     if max_shard_size is not None:
         return run_split(
             checkpoint,
@@ -196,15 +203,17 @@ def run_convert(
             config=config,
             **options,
         )
-    transformed, casts, options = _transform(checkpoint, dtype, transforms, config, options)
-    return write(checkpoint, plan_convert(transformed.checkpoint, format, casts), dst, transformed=transformed, **options)
+    transformed, casts, options, notes = _transform(checkpoint, dtype, transforms, config, options)
+    plan = plan_convert(transformed.checkpoint, format, casts)
+    return write(checkpoint, plan, dst, transformed=transformed, notes=notes, **options)
 
 
 _TRANSFORM_KEYS = ("select", "drop", "rename", "strip_prefix", "keep_dtype", "dequantize", "experts", "tie", "untie")
 
 
 def _transform(checkpoint: Checkpoint, dtype, transforms, config, options: dict):
-    """The transformed table, the casts for the planner, and the remaining write options."""
+    """The transformed table, the casts for the planner, the remaining write options, and notes on what was chosen
+    for the user (a DCP training state dict's model group, when no option picks names)."""
     given = {key: options.pop(key) for key in _TRANSFORM_KEYS if key in options}
     if transforms is None:
         transforms = Transforms.of(**given)
@@ -213,10 +222,13 @@ def _transform(checkpoint: Checkpoint, dtype, transforms, config, options: dict)
     if dtype is not None and dtype != "auto":
         _dtype(dtype)  # the plain-cast error message
     transforms = replace(transforms, dtype=dtype if dtype is not None else transforms.dtype)
+    notes: list[str] = []
+    if not transforms.changes_names:
+        checkpoint, notes = _default_selection(checkpoint)
     if config is None:
         config = read_config(checkpoint)
     transformed = transform(checkpoint, transforms, config)
-    return transformed, transformed.dtypes, options
+    return transformed, transformed.dtypes, options, notes
 
 
 def write(
@@ -229,6 +241,7 @@ def write(
     dry_run: bool = False,
     progress: bool = False,
     transformed: Transformed | None = None,
+    notes: list[str] | None = None,
 ) -> WriteSummary:
     """Carry out ``plan`` into the folder ``dst``, atomically.
 
@@ -242,6 +255,7 @@ def write(
     dst = os.path.abspath(os.fspath(dst))
     refuse_inside(dst, checkpoint.source, [info.path for info in checkpoint.files])
     summary = _summary(checkpoint, plan, dst)
+    summary.notes = list(notes or [])
     if transformed is not None and transformed.listed:
         summary.mapping = transformed.mapping()
         summary.warnings = list(transformed.warnings)
@@ -304,6 +318,14 @@ def _summary(checkpoint: Checkpoint, plan: Plan, dst: str) -> WriteSummary:
         dropped=dict(plan.dropped),
         materialized=sum(t.materialize for f in plan.files for t in f.tensors),
     )
+
+
+def _default_selection(checkpoint: Checkpoint) -> tuple[Checkpoint, list[str]]:
+    """A DCP training state dict with a ``model`` group: only the model weights, named as inside the group."""
+    from ..formats.dcp import model_weights
+
+    checkpoint, note = model_weights(checkpoint)
+    return checkpoint, [note] if note else []
 
 
 def _dtype(dtype: str | None) -> str | None:

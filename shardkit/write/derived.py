@@ -76,9 +76,7 @@ def byte_ranges(entry: TensorEntry) -> list[Range] | None:
             file, offset, _ = inner[0]
             _append(ranges, (file, offset + piece.start, piece.nbytes))
         return ranges
-    if entry.offset is None:
-        return None
-    return [(entry.file, entry.offset, entry.nbytes)]
+    return entry.ranges  # one run, or a chunked (DCP) tensor's Shard(0) chunks
 
 
 def _append(ranges: list[Range], item: Range) -> None:

@@ -1,9 +1,11 @@
 """Write the files of a :class:`~shardkit.write.plan.Plan`: byte ranges copied, only the unavoidable materialized.
 
-A tensor whose source bytes are one contiguous run in the output dtype is copied file-to-file
-(:func:`shardkit.write.byteio.copy_range`), and runs that are adjacent in both source and output are merged into one
-call. Everything else (dtype casts, non-contiguous views, legacy files) is materialized through torch one
-tensor at a time, so peak memory is one copy buffer plus the largest such tensor (twice, across a cast).
+A tensor whose source bytes are a list of byte runs in the output dtype (one run, or a DCP tensor's ``Shard(0)``
+chunks) is copied file-to-file (:func:`shardkit.write.byteio.copy_range`), and runs that are adjacent in both
+source and output are merged into one call. Other chunked tensors (``Shard(1)``, 2-D meshes) are assembled by
+rows through a bounded buffer (:mod:`shardkit.write.assemble`), still without torch. Everything else (dtype casts,
+non-contiguous views, legacy files) is materialized through torch one tensor at a time, so peak memory is one
+copy buffer plus the largest such tensor (twice, across a cast).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from ..errors import CheckpointError
 from ..fileio import write_all
 from ..formats.safetensors import build_header
 from ..formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
+from .assemble import assembled
 from .byteio import Writeback, copy_buffered, copy_range
-from .derived import ComputedEntry, Reader, byte_ranges
+from .derived import ComputedEntry, Reader
 from .plan import Plan, PlannedFile, PlannedTensor, safetensors_order
 
 Progress = Callable[[int], None]
@@ -126,20 +129,24 @@ def write_safetensors(path: str, planned: PlannedFile, metadata: dict | None, so
             run.clear()
 
         for tensor in tensors:
-            if tensor.materialize:
+            ranges = tensor.ranges
+            if ranges is None:
                 flush()
-                _write_materialized(fd, position, tensor, sources)
+                if tensor.materialize:
+                    _write_materialized(fd, position, tensor, sources)
+                else:
+                    _write_assembled(fd, position, tensor, sources, writeback)
                 writeback.advance(position + tensor.nbytes)
                 progress(tensor.nbytes)
                 position += tensor.nbytes
                 continue
-            for file, offset, nbytes in byte_ranges(tensor.source):
-                if run and run[0] == file and run[2] == offset:
-                    run[2] += nbytes
+            for file, start, count in ranges:
+                if run and run[0] == file and run[2] == start:
+                    run[2] += count
                 else:
                     flush()
-                    run[:] = [file, offset, offset + nbytes, position]
-                position += nbytes
+                    run[:] = [file, start, start + count, position]
+                position += count
         flush()
         os.ftruncate(fd, position)
         return position
@@ -163,16 +170,19 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
         writeback = Writeback(fd)
         for tensor in planned.tensors:
             offset = archive.begin(f"data/{keys[tensor.name]}", tensor.nbytes)
+            ranges = tensor.ranges
             if tensor.materialize:
                 crc = _write_materialized(fd, offset, tensor, sources)
+            elif ranges is None:
+                crc = _write_assembled(fd, offset, tensor, sources, writeback)
             else:  # through the buffer: the zip needs each record's CRC-32
-                crc, position = 0, offset
-                for file, start, nbytes in byte_ranges(tensor.source):
-                    for piece in range(0, nbytes, Writeback.STEP):
-                        count = min(Writeback.STEP, nbytes - piece)
-                        crc = copy_buffered(sources.fd(file), start + piece, fd, position, count, file, crc=crc)
-                        position += count
-                        writeback.advance(position)
+                crc, at = 0, offset
+                for file, start, length in ranges:
+                    for piece in range(0, length, Writeback.STEP):
+                        count = min(Writeback.STEP, length - piece)
+                        crc = copy_buffered(sources.fd(file), start + piece, fd, at, count, file, crc=crc)
+                        at += count
+                        writeback.advance(at)
             archive.end(crc)
             progress(tensor.nbytes)
         archive.add("version", b"3\n")
@@ -240,6 +250,17 @@ def _write_materialized(fd: int, offset: int, tensor: PlannedTensor, sources: So
         raise AssertionError(f"{tensor.name}: materialized {len(data)} bytes, planned {tensor.nbytes}")
     write_all(fd, data, offset)
     return zlib.crc32(data)
+
+
+def _write_assembled(fd: int, offset: int, tensor: PlannedTensor, sources: Sources, writeback: Writeback) -> int:
+    """Assemble a chunked tensor band by band (no torch), write it at ``offset`` and return its CRC-32."""
+    crc = 0
+    for piece in assembled(tensor.source, sources.fd):
+        write_all(fd, piece, offset)
+        crc = zlib.crc32(piece, crc)
+        offset += len(piece)
+        writeback.advance(offset)
+    return crc
 
 
 @functools.cache

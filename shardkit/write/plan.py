@@ -14,6 +14,7 @@ from ..dtypes import DTYPE_BITS, FLOATING, SAFETENSORS_DTYPES, TORCH_NAMES, nbyt
 from ..errors import UsageError
 from ..naming import index_file_name, shard_file_name, single_file_name
 from ..table import Checkpoint, TensorEntry
+from .assemble import can_assemble
 from .derived import byte_ranges
 
 #: dtype -> rank in the safetensors writer's dtype order (declaration order of its ``Dtype`` enum, which the
@@ -37,8 +38,16 @@ class PlannedTensor:
     @property
     def materialize(self) -> bool:
         """Whether the bytes cannot be copied as they are (a cast, a non-contiguous view, a legacy file, a computed
-        tensor) and the tensor must go through torch."""
-        return self.dtype != self.source.dtype or byte_ranges(self.source) is None
+        tensor) and the tensor must go through torch. Chunked tensors that are not byte ranges are assembled
+        without torch (:mod:`shardkit.write.assemble`)."""
+        if self.dtype != self.source.dtype:
+            return True
+        return byte_ranges(self.source) is None and not can_assemble(self.source)
+
+    @property
+    def ranges(self) -> list[tuple[str, int, int]] | None:
+        """The source byte runs to copy one after another, or None (materialized, or assembled by rows)."""
+        return None if self.dtype != self.source.dtype else byte_ranges(self.source)
 
 
 @dataclass(slots=True)

@@ -12,8 +12,8 @@ import os
 
 from ..errors import OutputError
 from ..formats import open_file
+from .assemble import assembled
 from .byteio import BUFFER_SIZE, same_bytes
-from .derived import byte_ranges
 from .files import Sources, materialized_chunks
 from .plan import Plan
 
@@ -48,15 +48,21 @@ def verify_plan(plan: Plan, folder: str, sources: Sources, progress=lambda n: No
                         f"tensor {tensor.name!r} is {entry.dtype} {list(entry.shape)}, planned {tensor.dtype} "
                         f"{list(tensor.shape)}",
                     )
+                ranges = tensor.ranges
                 if tensor.materialize:
                     # The transform is recomputed from the source, one chunk at a time for computed tensors.
                     position, equal = entry.offset, True
                     for chunk in materialized_chunks(tensor, sources):
                         equal = equal and _equals_file(chunk, out_fd, position)
                         position += len(chunk)
+                elif ranges is None:
+                    position, equal = entry.offset, True
+                    for piece in assembled(tensor.source, sources.fd):
+                        equal = equal and _equals_file(piece, out_fd, position)
+                        position += len(piece)
                 else:
                     position, equal = entry.offset, True
-                    for file, start, nbytes in byte_ranges(tensor.source):
+                    for file, start, nbytes in ranges:
                         equal = equal and same_bytes(sources.fd(file), start, out_fd, position, nbytes, file, path)
                         position += nbytes
                 if not equal:
