@@ -179,3 +179,23 @@ def test_plan_sizes_the_model_group(dcp_folders):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["total_bytes"] == sum(t.nbytes for t in model_tensors().values())
+
+
+def test_select_and_strip_prefix_choose_other_groups(dcp_folders, tmp_path):
+    ref = reference(dcp_folders, "fsdp")
+    result = run_shardkit(
+        "split",
+        dcp_folders / "fsdp",
+        tmp_path / "out",
+        "--select",
+        "optim.state.*.exp_avg",
+        "--strip-prefix",
+        "optim.state.",
+        "-q",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stdout  # the user chose: no default group
+    out = load_any(tmp_path / "out")
+    assert len(out) == 5 and all(name.endswith(".exp_avg") for name in out)
+    for name, value in out.items():
+        assert same(value, ref["optim.state." + name]), name
