@@ -161,6 +161,12 @@ CATALOGUE: dict[str, CodeInfo] = {
     "hub-unreachable": _e("hub", "The Hub endpoint cannot be reached (network, DNS, proxy)."),
     "hub-offline": _e("hub", "HF_HUB_OFFLINE is set and the files are not in the local cache."),
     "hub-http-error": _e("hub", "The Hub answered with an HTTP error no other code names."),
+    # shardkit push (the repo is unchanged after each)
+    "push-invalid-checkpoint": _e("hub", "push: the folder's checkpoint has validation errors; fix them or pass --force."),
+    "push-no-token": _e("hub", "push: no Hub token (--token, HF_TOKEN or `hf auth login`)."),
+    "push-failed": _e("hub", "push: an upload or the commit failed (network, server); the repo is unchanged, a rerun resumes."),
+    "push-conflict": _e("hub", "push: the branch moved while pushing; nothing was committed: rerun."),
+    "push-too-large": _e("hub", "push: the checkpoint alone needs more than one commit holds: reshard into fewer files."),
     # arguments (raised)
     "usage": _e("usage", "A bad argument: an unparsable size, an unknown dtype or format, a destination that cannot be used."),
     # transforms while resharding (raised)

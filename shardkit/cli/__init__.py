@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Convert .bin checkpoints to safetensors (or back), keeping the layout.",
     ),
     "validate": ("shardkit.cli.validate", "validate_command", "Check a checkpoint folder or Hub repo; report every problem."),
+    "push": (
+        "shardkit.cli.push",
+        "push_command",
+        "Validate a checkpoint folder and publish it to a Hub repo in one commit that replaces the old layout.",
+    ),
     "plan": (
         "shardkit.cli.plan",
         "plan_command",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .split import _quiet_library_warnings, local_source, report, write_options
+from .split import _quiet_library_warnings, finish, local_source, write_options
 
 
 @click.command("convert")
@@ -28,6 +28,13 @@ def convert_command(
     dry_run,
     as_json,
     quiet,
+    push_to,
+    create_pr,
+    commit_message,
+    delete_bin,
+    create,
+    private,
+    force,
     **transforms,
 ) -> None:
     """Convert the checkpoint at SRC (.bin, single or sharded) to safetensors in the folder DST.
@@ -55,4 +62,5 @@ def convert_command(
         variant=variant,
         **transforms,
     )
-    report(summary, as_json)
+    push = dict(create_pr=create_pr, commit_message=commit_message, delete_bin=delete_bin, create=create, private=private)
+    finish(summary, as_json, push_to, token=token, quiet=quiet, force=force, **push)

@@ -7,6 +7,7 @@ import click
 from ..units import format_size
 from ..write import DEFAULT_MAX_SHARD_SIZE, WriteSummary
 from . import emit_json, hub_options
+from .push import push_options
 
 
 def write_options(command):
@@ -74,10 +75,16 @@ def write_options(command):
         click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, tensor counts) and write nothing."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+        click.option(
+            "--push-to",
+            metavar="REPO_ID",
+            help="Then publish DST to this Hub model repo's main branch in one commit, as `shardkit push` does "
+            "(--token is used for it too).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
-    return hub_options(command)
+    return hub_options(push_options(command))
 
 
 @click.command("split")
@@ -106,6 +113,13 @@ def split_command(
     dry_run,
     as_json,
     quiet,
+    push_to,
+    create_pr,
+    commit_message,
+    delete_bin,
+    create,
+    private,
+    force,
     **transforms,
 ) -> None:
     """Reshard the checkpoint at SRC into the folder DST, packed like huggingface_hub in key order.
@@ -133,7 +147,27 @@ def split_command(
         variant=variant,
         **transforms,
     )
-    report(summary, as_json)
+    push = dict(create_pr=create_pr, commit_message=commit_message, delete_bin=delete_bin, create=create, private=private)
+    finish(summary, as_json, push_to, token=token, quiet=quiet, force=force, **push)
+
+
+def finish(summary: WriteSummary, as_json: bool, push_to: str | None, *, token, quiet: bool, **push) -> None:
+    """Report what was written, then push it when ``--push-to`` asks (one JSON document with both under --json)."""
+    if not push_to or summary.dry_run:
+        report(summary, as_json)
+        return
+    from ..hub.publish import push as publish
+
+    if not as_json:
+        report(summary, False)
+    result = publish(summary.destination, push_to, token=token, progress=not quiet and not as_json, **push)
+    from .push import render, warn_forced
+
+    warn_forced(result)
+    if as_json:
+        emit_json({"write": summary.to_dict(), "push": result.to_dict()})
+    else:
+        click.echo(render(result))
 
 
 def _quiet_library_warnings() -> None:
