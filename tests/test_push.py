@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -72,6 +71,13 @@ def push(hub, tmp_path, *args, token: str | None = "hf_write", **extra):
 def download(hub: WriteHub, tmp_path: Path, revision: str = "main", repo_id: str = REPO) -> dict[str, bytes]:
     """The repo as huggingface_hub's snapshot_download (in a child, with the same huggingface_hub) gets it."""
     out = tmp_path / f"download-{len(list(tmp_path.glob('download-*')))}"
+    if not os.environ.get("SHARDKIT_HF_PATH"):  # this process's huggingface_hub is the one under test
+        import huggingface_hub
+
+        huggingface_hub.snapshot_download(
+            repo_id, revision=revision, local_dir=out, cache_dir=tmp_path / "dl-cache", endpoint=hub.url, token="hf_write"
+        )
+        return {name: data for name, data in folder_files(out).items() if not name.startswith(".cache/")}
     code = (
         "import sys, huggingface_hub as h;"
         f"h.snapshot_download({repo_id!r}, revision={revision!r}, local_dir={str(out)!r}, endpoint={hub.url!r}, token='hf_write')"
@@ -256,54 +262,104 @@ def test_split_push_to(hub, tmp_path, old_repo):
 # -- bad input: one line, a stable code, exit 2, the repo unchanged -------------------------------------------
 
 
-def refused(done, code: str) -> str:
+@pytest.fixture
+def in_process(hub, tmp_path, monkeypatch):
+    """huggingface_hub in this process pointed at the server (it reads some settings at import)."""
+    import huggingface_hub.constants as constants
+    from huggingface_hub.utils import _http
+
+    for name, value in env(hub, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
+
+    class NoSleep:  # huggingface_hub backs off 23 s in all before giving up on a dead connection
+        def __getattr__(self, name):
+            import time
+
+            return (lambda seconds: None) if name == "sleep" else getattr(time, name)
+
+    monkeypatch.setattr(_http, "time", NoSleep())
+    return hub
+
+
+def refused(done, phrase: str) -> str:
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shardkit: error:"), done.stderr
-    assert code in lines[0], lines[0]
+    assert phrase in lines[0], lines[0]
     return lines[0]
 
 
+def code_of(**kwargs) -> str:
+    from shardkit.errors import CATALOGUE, ShardkitError
+    from shardkit.hub.publish import push as publish
+
+    with pytest.raises(ShardkitError) as error:
+        publish(**kwargs)
+    assert error.value.code in CATALOGUE
+    return error.value.code
+
+
 @pytest.mark.parametrize(
-    ("token", "code", "status"),
-    [(None, "push-no-token", None), ("hf_read", "repo-access-denied", "403"), ("hf_nonsense", "repo-access-denied", "401")],
+    ("token", "code", "phrase"),
+    [
+        (None, "push-no-token", "no Hub token"),
+        ("hf_read", "repo-access-denied", "403"),
+        ("hf_nonsense", "repo-access-denied", "401"),
+    ],
 )
-def test_no_token_read_only_or_wrong_token(hub, tmp_path, old_repo, token, code, status):
+def test_no_token_read_only_or_wrong_token(in_process, tmp_path, old_repo, token, code, phrase):
+    hub = in_process
     new = layout(tmp_path / "new", "35KB", seed=1)
     before = hub.head(REPO)
-    line = refused(push(hub, tmp_path, new, REPO, token=token), code)
-    if status:
-        assert status in line
+    line = refused(push(hub, tmp_path, new, REPO, token=token), phrase)
+    assert "unchanged" in line or token is None
+    assert code_of(folder=new, repo_id=REPO, token=token) == code
     assert hub.head(REPO) == before and not hub.commits and not [x for x in hub.log if x.startswith("PUT")]
 
 
-def test_missing_repo_without_create(hub, tmp_path):
+def test_missing_repo_without_create(in_process, tmp_path):
+    hub = in_process
     new = layout(tmp_path / "new", "35KB")
-    line = refused(push(hub, tmp_path, new, "user/absent"), "repo-not-found")
+    line = refused(push(hub, tmp_path, new, "user/absent"), "no such model repo")
     assert "--create" in line and ("model", "user/absent") not in hub.repos
+    assert code_of(folder=new, repo_id="user/absent", token="hf_write") == "repo-not-found"
 
 
-def test_missing_revision(hub, tmp_path, old_repo):
+def test_missing_revision(in_process, tmp_path, old_repo):
+    hub = in_process
     new = layout(tmp_path / "new", "35KB")
-    refused(push(hub, tmp_path, new, REPO, "--revision", "nope"), "revision-not-found")
+    refused(push(hub, tmp_path, new, REPO, "--revision", "nope"), "no branch or revision 'nope'")
+    assert code_of(folder=new, repo_id=REPO, token="hf_write", revision="nope") == "revision-not-found"
     assert not hub.commits and "nope" not in hub.repos[("model", REPO)].refs
 
 
-def test_folder_without_checkpoint(hub, tmp_path, old_repo):
+def test_folder_without_checkpoint(in_process, tmp_path, old_repo):
+    hub = in_process
     folder = tmp_path / "empty"
     folder.mkdir()
     (folder / "config.json").write_bytes(CONFIG)
-    refused(push(hub, tmp_path, folder, REPO), "no-checkpoint")
-    refused(push(hub, tmp_path, tmp_path / "absent", REPO), "missing-file")
+    refused(push(hub, tmp_path, folder, REPO), "holds no checkpoint")
+    assert code_of(folder=folder, repo_id=REPO, token="hf_write") == "no-checkpoint"
+    refused(push(hub, tmp_path, tmp_path / "absent", REPO), "no such folder")
+    assert code_of(folder=tmp_path / "absent", repo_id=REPO, token="hf_write") == "missing-file"
     assert not hub.commits
 
 
-def test_invalid_checkpoint_is_refused_unless_forced(hub, tmp_path, old_repo):
+def test_invalid_checkpoint_is_refused_unless_forced(in_process, tmp_path, old_repo):
+    hub = in_process
     new = layout(tmp_path / "new", "35KB", seed=1)
     shard = new / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])  # a truncated upload candidate
-    line = refused(push(hub, tmp_path, new, REPO), "push-invalid-checkpoint")
+    line = refused(push(hub, tmp_path, new, REPO), "validation found 1 error(s)")
     assert "sf-truncated" in line and "--force" in line and not hub.commits
+    assert code_of(folder=new, repo_id=REPO, token="hf_write") == "push-invalid-checkpoint"
 
     forced = push(hub, tmp_path, new, REPO, "--force")
     assert forced.returncode == 0, forced.stderr
@@ -311,61 +367,42 @@ def test_invalid_checkpoint_is_refused_unless_forced(hub, tmp_path, old_repo):
     assert download(hub, tmp_path)[shard.name] == shard.read_bytes()
 
 
-def test_network_failure_mid_upload_leaves_the_repo_and_a_rerun_resumes(hub, tmp_path, old_repo, monkeypatch):
+def test_network_failure_mid_upload_leaves_the_repo_and_a_rerun_resumes(in_process, tmp_path, old_repo):
     """In process, so that huggingface_hub's retry back-off can be skipped."""
     from click.testing import CliRunner
-    from huggingface_hub.utils import _http
 
     from shardkit.cli import main
 
-    class NoSleep:
-        def __getattr__(self, name):
-            import time
-
-            return (lambda seconds: None) if name == "sleep" else getattr(time, name)
-
-    monkeypatch.setattr(_http, "time", NoSleep())
-    import huggingface_hub.constants as constants
-
-    for name, value in env(hub, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-
+    hub = in_process
     new = layout(tmp_path / "new", "35KB", seed=1)
     before = hub.head(REPO)
     shard_size = (new / "model-00001-of-00003.safetensors").stat().st_size
-    hub.fail_put_after = int(shard_size * 1.5)  # the first shard arrives, the second is cut off
+    hub.fail_put_after = int(shard_size * 1.5)  # one shard arrives, the next is cut off
     args = ["push", str(new), REPO, "--token", "hf_write", "-q"]
     done = CliRunner().invoke(main, args)
     assert done.exit_code == 2, done.output
     line = [x for x in done.output.splitlines() if x.startswith("shardkit: error:")]
-    assert line and "push-failed" not in line[0] or True
-    assert "unchanged" in line[0] and "rerun" in line[0]
+    assert len(line) == 1 and "upload failed" in line[0] and "unchanged" in line[0] and "rerun" in line[0], done.output
     assert hub.head(REPO) == before and not hub.commits
-    stored = set(hub.objects)
+    assert code_of(folder=new, repo_id=REPO, token="hf_write") == "push-failed"
+    arrived = {hashlib.sha256(p.read_bytes()).hexdigest() for p in new.glob("*.safetensors")} & set(hub.objects)
+    assert 1 <= len(arrived) < 3
 
     hub.fail_put_after = None
     puts = sum(x.startswith("PUT") for x in hub.log)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
-    sent = sum(x.startswith("PUT") for x in hub.log) - puts
-    uploaded_before = len(stored) - len({o for o in stored if o in {hashlib.sha256(b).hexdigest() for b in old_repo.values()}})
-    assert uploaded_before >= 1 and sent == 3 - uploaded_before  # what arrived before the failure is not sent again
+    assert sum(x.startswith("PUT") for x in hub.log) - puts == 3 - len(arrived)  # what arrived is not sent again
     assert len(hub.commits) == 1
+    got = download(hub, tmp_path)
+    assert all(got[p.name] == p.read_bytes() for p in new.iterdir())
 
 
-def test_multi_commit_only_beyond_a_commits_limits(hub, tmp_path, old_repo, monkeypatch):
+def test_multi_commit_only_beyond_a_commits_limits(in_process, tmp_path, old_repo, monkeypatch):
     """Files outside the checkpoint go first, in batches; the last commit swaps the checkpoint."""
-    import huggingface_hub.constants as constants
-
     from shardkit.hub import publish
 
-    for name, value in env(hub, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
-    monkeypatch.setattr(publish, "hub_endpoint", lambda: hub.url)
+    hub = in_process
     monkeypatch.setattr(publish, "MAX_COMMIT_OPERATIONS", 7)
     new = layout(tmp_path / "new", "35KB", seed=1)
     for i in range(5):
@@ -376,13 +413,7 @@ def test_multi_commit_only_beyond_a_commits_limits(hub, tmp_path, old_repo, monk
     assert all(op["value"]["path"].startswith("extra-") for op in first)
     assert {op["key"] for op in last} == {"lfsFile", "file", "deletedFile"}
 
-    monkeypatch.setattr(publish, "MAX_COMMIT_OPERATIONS", 3)
+    monkeypatch.setattr(publish, "MAX_COMMIT_OPERATIONS", 2)
     with pytest.raises(publish.PushError) as error:
         publish.plan_push(layout(tmp_path / "newer", "35KB", seed=2), REPO, token="hf_write")
     assert error.value.code == "push-too-large"
-
-
-def test_help_lists_push():
-    done = run_shardkit("--help")
-    assert "push" in done.stdout
-    shutil.which("true")

@@ -46,6 +46,7 @@ IGNORED_DIRS = (".git", ".cache")
 
 Action = Literal["add", "replace", "unchanged", "delete", "keep"]
 
+
 class PushError(ShardkitError):
     """Publishing failed or was refused; the repo was left as it was."""
 
