@@ -136,6 +136,12 @@ CATALOGUE: dict[str, CodeInfo] = {
     "inf-values": _w("deep", "A floating-point tensor holds infinite values (legitimate in some masks)."),
     "all-zero": _w("deep", "A tensor is all zeros (a weight that was never trained or was lost?)."),
     "checksum-mismatch": _e("deep", "A tensor's bytes differ from the --checksums manifest."),
+    "hub-mismatch": _e("deep", "validate --against: a file's size or SHA-256 differs from the Hub repo's (LFS object id)."),
+    "hub-missing": _w("deep", "validate --against: a local checkpoint file that the Hub repo does not have."),
+    "local-missing": _w("deep", "validate --against: a checkpoint file of the Hub repo that the folder does not have."),
+    "blob-mismatch": _e(
+        "deep", "validate --verify-blobs: a cache file's bytes do not hash to its blob's name (corrupt download)."
+    ),
     "checksum-missing": _e("deep", "A tensor in the --checksums manifest is not in the checkpoint."),
     "checksum-unlisted": _w("deep", "A tensor of the checkpoint is not in the --checksums manifest."),
     "checksums-invalid": _e("deep", "The --checksums manifest cannot be read."),

@@ -108,6 +108,23 @@ def sha256_files(
     return dict(zip(names, map_threads(lambda p: sha256_file(p, progress=progress), names, workers=workers)))
 
 
+def sha256_files_progress(paths: Sequence[str | os.PathLike], *, progress: bool, desc: str = "hashing") -> dict[str, str]:
+    """:func:`sha256_files` with a tqdm bar over the total bytes on stderr when ``progress`` is true."""
+    bar = None
+    if progress and paths:
+        import sys
+
+        from tqdm import tqdm
+
+        total = sum(os.path.getsize(p) for p in paths)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr, leave=False)
+    try:
+        return sha256_files(paths, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def sha256_ranges(
     path: str | os.PathLike,
     ranges: Sequence[tuple[int, int]],

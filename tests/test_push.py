@@ -48,14 +48,14 @@ def hub(tmp_path):
 
 
 def env(hub: WriteHub, tmp_path: Path, **extra: str) -> dict[str, str]:
-    base = child_env(
-        HF_ENDPOINT=hub.url,
-        HF_HUB_OFFLINE="0",
-        HF_HOME=str(tmp_path / "hf_home"),
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        **extra,
-    )
+    settings = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    base = child_env(**{**settings, **extra})
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE"):
         base.pop(name, None)
     if os.environ.get("SHARDKIT_HF_PATH"):

@@ -29,8 +29,20 @@ from . import emit_json, hub_options, stdout_closed
     help="Build the model from this config.json on the meta device and compare names and shapes. Alone (after "
     "TARGET): the config.json beside the checkpoint.",
 )
+@click.option(
+    "--against",
+    metavar="REPO_ID[@REV]",
+    help="Compare every local checkpoint file's size and SHA-256 with this Hub repo's (LFS object ids), without downloading.",
+)
+@click.option(
+    "--verify-blobs",
+    is_flag=True,
+    help="Hugging Face cache snapshot: hash each file against its blob's name (its SHA-256), offline.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def validate_command(target, revision, subfolder, variant, repo_type, token, deep, checksums, model_config, as_json) -> None:
+def validate_command(
+    target, revision, subfolder, variant, repo_type, token, deep, checksums, model_config, against, verify_blobs, as_json
+) -> None:
     """Check that TARGET is a sound checkpoint and report every problem found.
 
     TARGET is a .safetensors/.bin file, an *.index.json file, a folder holding a checkpoint, or a Hub repo id
@@ -49,6 +61,9 @@ def validate_command(target, revision, subfolder, variant, repo_type, token, dee
         deep=deep,
         checksums=checksums,
         model_config=model_config,
+        against=against,
+        verify_blobs=verify_blobs,
+        progress=not as_json and sys.stderr.isatty(),
     )
     try:
         if as_json:

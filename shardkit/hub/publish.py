@@ -26,12 +26,12 @@ checkpoint file and every deletion. A checkpoint that alone exceeds one commit i
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..errors import CheckpointError, HubError, ShardkitError
+from ..hashing import sha256_files_progress
 from ..naming import CHECKPOINT_SUFFIXES, INDEX_RE, parse_shard_name
 from .http import hub_endpoint, is_hub_failure, network_errors, translate
 
@@ -222,7 +222,7 @@ def plan_push(
         )
 
     local = {f"{prefix}/{rel}" if prefix else rel: path for rel, path in local_files(root).items()}
-    digests = _hash(list(local.values()), progress=progress)
+    digests = sha256_files_progress(list(local.values()), progress=progress)
     plan = PushPlan(str(root), repo_id, repo_type, branch, create_pr, exists, parent, validation=validation)
     families = {checkpoint_family(p) for p in local} - {None}
     for path, source in local.items():
@@ -292,22 +292,6 @@ def _remote_state(api, repo_id: str, repo_type: str, branch: str, prefix: str, *
         else:
             raise
     return True, info.sha, remote
-
-
-def _hash(paths: list[Path], *, progress: bool) -> dict[str, str]:
-    from ..hashing import sha256_files
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        total = sum(p.stat().st_size for p in paths)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="hashing", file=sys.stderr, leave=False)
-    try:
-        return sha256_files(paths, progress=bar.update if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _same(source: Path, size: int, digest: str, theirs: tuple[int, str | None, str]) -> bool:

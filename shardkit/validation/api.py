@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import CheckpointError, HubError
+from ..errors import CheckpointError, HubError, UsageError
 from ..formats.dcp import dcp_folder
 from ..hub.remote import looks_like_repo_id
 from ..naming import pick_checkpoint
@@ -28,6 +28,9 @@ def validate(
     deep: bool = False,
     checksums: str | os.PathLike | None = None,
     model_config: str | os.PathLike | bool | None = None,
+    against: str | None = None,
+    verify_blobs: bool = False,
+    progress: bool = False,
 ) -> Report:
     """Check the checkpoint at ``target`` and return every problem found as a :class:`Report`.
 
@@ -38,6 +41,11 @@ def validate(
     file exists, written otherwise) asks for data; for a Hub repo these download the checkpoint files first.
     ``model_config`` (a config.json path, or True for the config.json beside the checkpoint) builds the model on
     the meta device with transformers and compares parameter names and shapes.
+
+    ``against`` (``org/name[@revision]``, local targets only) compares every checkpoint file's size and SHA-256 with
+    the repo's listing (LFS object ids), without downloading: ``hub-mismatch``, ``hub-missing``, ``local-missing``.
+    ``verify_blobs`` hashes a Hugging Face cache snapshot's files against their blobs' names (``blob-mismatch``),
+    offline. ``progress`` shows a hashing bar for these two.
 
     Problems of the checkpoint become findings; only a target that cannot be read at all raises: a
     :class:`~shardkit.errors.CheckpointError` for no such path or no checkpoint in it, a
@@ -86,6 +94,18 @@ def validate(
         finally:
             if config and getattr(source, "folder", None) is None and model_config in (True, "auto"):
                 shutil.rmtree(os.path.dirname(config), ignore_errors=True)  # fetched from the Hub into a temp folder
+    folder = getattr(source, "folder", None)
+    if against or verify_blobs:
+        from .against import check_against, check_cache_blobs
+
+        if folder is None:
+            raise UsageError(
+                f"{label}: --against and --verify-blobs compare local files; this target is a Hub repo", code="usage"
+            )
+        if verify_blobs:
+            check_cache_blobs(Path(folder), report, progress=progress)
+        if against:
+            check_against(Path(folder), against, report, repo_type=repo_type, token=token, progress=progress)
     report.bytes_downloaded = source.bytes_downloaded
     return report
 
