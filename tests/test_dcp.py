@@ -148,8 +148,7 @@ def test_load_checkpoint_in_model_from_dcp(dcp_folders):
     ref = reference(dcp_folders, "tp")
     state = {"col.weight": ref["col.weight"], "rep.bias": ref["rep.bias"]}
     folder = dcp_folders / "tp"
-    with pytest.warns(UserWarning, match="missing 1 tensor"):
-        load_checkpoint_in_model(model, folder, strict=False)
+    load_checkpoint_in_model(model, folder, strict=False)  # rep.weight and 6 unused tensors are logged
     assert same(model.col.weight.data, state["col.weight"])
     assert same(model.rep.bias.data, state["rep.bias"])
 
@@ -168,8 +167,7 @@ def test_load_the_model_group_of_a_training_checkpoint(dcp_folders):
     model.lm_head = torch.nn.Linear(8, 12, bias=False, dtype=torch.bfloat16)
     model.model = torch.nn.Module()
     model.model.embed_tokens = torch.nn.Embedding(10, 8, dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="4 tensor"):
-        load_checkpoint_in_model(model, dcp_folders / "fsdp", strict=False)
+    load_checkpoint_in_model(model, dcp_folders / "fsdp", strict=False)
     assert same(model.model.embed_tokens.weight.data, ref["model.model.embed_tokens.weight"])
     assert same(model.lm_head.weight.data, ref["model.lm_head.weight"])
 
