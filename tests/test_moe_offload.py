@@ -234,7 +234,8 @@ def test_experts_offload_plan_keeps_all_else_on_the_main_device_and_fills_it_lay
         model = cls(config)
     sizes = compute_module_sizes(model)
     experts = expert_modules(model)
-    assert experts == [f"model.layers.{i}.mlp.experts" for i in range(6)]
+    assert experts == {f"model.layers.{i}.mlp.experts": EXPERTS for i in range(6)}
+    experts = list(experts)
     block = sizes[experts[0]]
     rest = sizes[""] - 6 * block
     # Room for everything else, the staging slabs and two layers' experts on GPU 0; the CPU takes the rest.
@@ -322,3 +323,42 @@ def test_stored_pieces_locate_any_byte_range_and_survive_the_index(tmp_path):
     reopened = OffloadStore.open(tmp_path)
     assert reopened.tensors["t"] == stored
     assert reopened.load("t").tolist() == [104, 105, 106, 107, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("layout", ["packed", "per-expert"])
+def test_plan_cli_experts_offload_and_decode_traffic(moe, layout):
+    import orjson
+    from click.testing import CliRunner
+
+    from shardkit.cli import main
+
+    model, _, config, mlp, folder = moe
+    source = folder / "cli"
+    if layout == "packed":
+        source.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, source / "model.safetensors")
+        config.save_pretrained(source)
+    else:
+        model.save_pretrained(source)
+    per_layer = sum(p.numel() * p.element_size() for p in getattr(model.model.layers[0], mlp).experts.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    # not all fits GPU 0; once experts are offloaded it holds two staging slabs beside the rest: both go to the CPU
+    budget = f"0={total - per_layer // 2},cpu=1GB"
+    for source_args in ([], ["--model-config", source / "config.json"]):
+        result = CliRunner().invoke(
+            main, ["plan", str(source), "--max-memory", budget, "--experts-offload", "--json", *map(str, source_args)]
+        )
+        assert result.exit_code == 0, result.output
+        data = orjson.loads(result.output)
+        expert_keys = [k for k in data["device_map"] if k.endswith(".experts")]
+        assert data["device_map"][""] == 0 and [data["device_map"][k] for k in expert_keys] == ["cpu", "cpu"]
+        assert data["moe"] == {
+            "experts_modules": LAYERS,
+            "top_k": 2,
+            "dense_bytes_per_token": LAYERS * per_layer,
+            "routed_bytes_per_token": LAYERS * per_layer * 2 // EXPERTS,
+        }
+    text = CliRunner().invoke(main, ["plan", str(source), "--max-memory", budget, "--experts-offload"]).output
+    assert "with routed fetch" in text and "top-2 routing" in text
+    plain = CliRunner().invoke(main, ["plan", str(source), "--max-memory", "0=1GB"])
+    assert plain.exit_code == 0 and "streaming blocks whole" in plain.output

@@ -86,7 +86,7 @@ def infer_auto_device_map(
         experts = expert_modules(model)
         if not experts:
             raise UsageError(f"experts_offload: {type(model).__name__} has no experts modules (3-D gate_up_proj/up_proj weights)")
-        return placement.plan_experts(module_tree(model), sizes, get_max_memory(max_memory), experts)
+        return placement.plan_experts(module_tree(model), sizes, get_max_memory(max_memory), list(experts))
     return placement.plan(
         module_tree(model),
         sizes,

@@ -87,6 +87,12 @@ def is_experts_module(module) -> bool:
     return any(params.get(m) is not None and params[m].dim() == 3 for m in EXPERT_MARKERS)
 
 
-def expert_modules(model) -> list[str]:
-    """Names of ``model``'s experts containers (see :func:`is_experts_module`), in module order."""
-    return [name for name, module in model.named_modules() if is_experts_module(module)]
+def expert_modules(model) -> dict[str, int]:
+    """``{name: number of experts}`` for ``model``'s experts containers (see :func:`is_experts_module`), in
+    module order."""
+    found = {}
+    for name, module in model.named_modules():
+        if is_experts_module(module):
+            weight = next(module._parameters[m] for m in EXPERT_MARKERS if module._parameters.get(m) is not None)
+            found[name] = weight.shape[0]
+    return found

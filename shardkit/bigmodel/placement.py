@@ -260,6 +260,50 @@ def plan_experts(root: Node, sizes: dict[str, int], max_memory: dict, experts: l
     return {"": main, **placed}
 
 
+def experts_in_tree(root: Node, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:
+    """``{experts module: number of experts}`` for the MoE layers of a planning tree.
+
+    An experts module is a module named ``experts`` holding packed 3-D weights (``gate_up_proj``/``up_proj``,
+    whose first dimension ``shapes`` gives) or numbered per-expert children (``experts.0``, ``experts.1``...).
+    """
+    found: dict[str, int] = {}
+    for node in root.modules():
+        if node.name.rsplit(".", 1)[-1] != "experts":
+            continue
+        numbered = [c for c in node.children if c.is_module and c.name.rsplit(".", 1)[-1].isdigit()]
+        packed = [c.name for c in node.children if not c.is_module and c.name.rsplit(".", 1)[-1] in ("gate_up_proj", "up_proj")]
+        if numbered:
+            found[node.name] = len(numbered)
+        elif packed and shapes and len(shapes.get(packed[0], ())) == 3:
+            found[node.name] = shapes[packed[0]][0]
+    return found
+
+
+def decode_traffic(
+    device_map: dict, sizes: dict[str, int], experts: dict[str, int], top_k: int | None, main
+) -> dict[str, int | None]:
+    """Bytes one decode step copies to the execution device: every offloaded block whole (``dense``), and with
+    routed fetch, where an offloaded experts module moves only ``top_k`` experts (``routed``; None without top_k).
+
+    Offloaded means ``"disk"``, and ``"cpu"`` when ``main`` is a GPU.
+    """
+    offload = {"disk"} if main == "cpu" else {"cpu", "disk"}
+    keys = list(device_map)
+
+    def covering(name: str) -> str | None:
+        return max((k for k in keys if _inside(k, name)), key=len, default=None)
+
+    # a key's own bytes: its subtree less the subtrees of the keys directly inside it (mapped elsewhere)
+    inner = {k: [j for j in keys if j != k and _inside(k, j) and covering(j.rpartition(".")[0]) == k] for k in keys}
+    own = {k: sizes.get(k, 0) - sum(sizes.get(j, 0) for j in inner[k]) for k in keys}
+    dense = sum(own[k] for k in keys if device_map[k] in offload)
+    saved = 0
+    for name, count in experts.items():
+        if top_k and device_map.get(covering(name)) in offload:
+            saved += sizes.get(name, 0) - sizes.get(name, 0) * min(top_k, count) // count
+    return {"dense": dense, "routed": dense - saved if top_k else None}
+
+
 def _preorder(node: Node):
     yield node.name
     for child in node.children:

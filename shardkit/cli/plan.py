@@ -30,9 +30,21 @@ def parse_max_memory(text: str) -> dict:
 @click.option("--dtype", help="Dtype the floating weights will be loaded in (bf16, fp16, fp32).")
 @click.option("--model-config", "model_config", help="A transformers config.json (or its folder): plan on the real module tree.")
 @click.option("--no-split", "no_split", multiple=True, help="Module class never to split across devices (repeatable).")
+@click.option(
+    "--experts-offload",
+    "experts_offload",
+    is_flag=True,
+    help="Mixture of experts: everything but routed experts on the main device, whole layers' experts offloaded first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_command(
-    checkpoint: str, max_memory: str, dtype: str | None, model_config: str | None, no_split: tuple[str, ...], as_json: bool
+    checkpoint: str,
+    max_memory: str,
+    dtype: str | None,
+    model_config: str | None,
+    no_split: tuple[str, ...],
+    experts_offload: bool,
+    as_json: bool,
 ) -> None:
     """Print the device map shardkit would use for CHECKPOINT within --max-memory, and each device's bytes.
 
@@ -46,15 +58,25 @@ def plan_command(
     budget = normalize_max_memory(parse_max_memory(max_memory))
     dtype = parse_dtype(dtype) if dtype else None
     if model_config:
-        device_map, sizes = _plan_from_config(model_config, budget, dtype, list(no_split))
+        device_map, sizes, experts = _plan_from_config(model_config, budget, dtype, list(no_split), experts_offload)
         source = "config"
+        config_path = model_config
     else:
         from ..bigmodel.headers import REPEATED, checkpoint_tree
+        from ..bigmodel.placement import experts_in_tree, plan_experts
         from ..formats.dcp import model_weights
 
-        root, sizes, tied = checkpoint_tree(model_weights(open_checkpoint(checkpoint))[0], dtype)
-        device_map = plan(root, sizes, budget, {REPEATED, *no_split}, tied)
+        opened = model_weights(open_checkpoint(checkpoint))[0]
+        root, sizes, tied = checkpoint_tree(opened, dtype)
+        experts = experts_in_tree(root, {e.name: tuple(e.shape) for e in opened})
+        if experts_offload:
+            if not experts:
+                raise UsageError(f"--experts-offload: {checkpoint} holds no experts modules (mlp.experts, experts.N)")
+            device_map = plan_experts(root, sizes, budget, list(experts))
+        else:
+            device_map = plan(root, sizes, budget, {REPEATED, *no_split}, tied)
         source = "headers"
+        config_path = opened.root
     per_device: dict[str, int] = {}
     for key, device in device_map.items():
         per_device[str(device)] = per_device.get(str(device), 0) + sizes.get(key, 0)
@@ -66,6 +88,8 @@ def plan_command(
         "total_bytes": sizes.get("", 0),
         "notes": notes,
     }
+    if experts:
+        result["moe"] = _moe_traffic(device_map, sizes, experts, budget, config_path)
     if as_json:
         emit_json(result)
         return
@@ -75,8 +99,46 @@ def plan_command(
     click.echo("")
     for device, nbytes in per_device.items():
         click.echo(f"{device:>5}  {format_size(nbytes):>10}  ({nbytes:,} bytes)")
+    moe = result.get("moe")
+    if moe:
+        click.echo("")
+        click.echo(f"mixture of experts: {len(experts)} experts modules, top-{moe['top_k'] or '?'} routing")
+        click.echo(f"decode step, bytes copied per token: {format_size(moe['dense_bytes_per_token'])} streaming blocks whole")
+        if moe["routed_bytes_per_token"] is not None:
+            click.echo(f"                                     {format_size(moe['routed_bytes_per_token'])} with routed fetch")
+        else:
+            click.echo("  (pass --model-config, or keep config.json beside the checkpoint, for the routed figure)")
     for note in notes:
         click.echo(f"note: {note}", err=True)
+
+
+def _moe_traffic(device_map: dict, sizes: dict, experts: dict, budget: dict, config_path) -> dict:
+    """What a decode step moves with and without routed fetch; top-k from the model's config.json."""
+    import os
+
+    import orjson
+
+    from ..bigmodel.placement import decode_traffic
+
+    top_k = None
+    if config_path:
+        path = os.path.join(config_path, "config.json") if os.path.isdir(config_path) else config_path
+        try:
+            with open(path, "rb") as handle:
+                config = orjson.loads(handle.read())
+            top_k = next(
+                (config[k] for k in ("num_experts_per_tok", "moe_topk", "top_k") if isinstance(config.get(k), int)), None
+            )
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            top_k = None
+    main = next((d for d in budget if d not in ("cpu", "disk")), "cpu")
+    traffic = decode_traffic(device_map, sizes, experts, top_k, main)
+    return {
+        "experts_modules": len(experts),
+        "top_k": top_k,
+        "dense_bytes_per_token": traffic["dense"],
+        "routed_bytes_per_token": traffic["routed"],
+    }
 
 
 def visible_gpus() -> int:
@@ -116,13 +178,15 @@ def _absent_gpu_notes(budget: dict) -> list[str]:
     return [f"planned for GPU {names}, which this machine lacks ({have}): {load}"]
 
 
-def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str]):
+def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str], experts_offload: bool = False):
     from ..bigmodel.devicemap import infer_auto_device_map
     from ..bigmodel.empty import empty_model_from_config
-    from ..bigmodel.measure import compute_module_sizes
+    from ..bigmodel.measure import compute_module_sizes, expert_modules
     from ..dtypes import torch_dtype
 
     model = empty_model_from_config(path)
     no_split = no_split or list(getattr(model, "_no_split_modules", None) or [])
     dt = torch_dtype(dtype) if dtype else None
-    return infer_auto_device_map(model, budget, no_split, dt), compute_module_sizes(model, dtype=dt)
+    experts = expert_modules(model)
+    device_map = infer_auto_device_map(model, budget, no_split, dt, experts_offload=experts_offload)
+    return device_map, compute_module_sizes(model, dtype=dt), experts
