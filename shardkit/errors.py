@@ -185,6 +185,9 @@ CATALOGUE: dict[str, CodeInfo] = {
     "experts-incomplete": _e("usage", "--experts: a MoE layer lacks an expert's projection, or a packed tensor its partner."),
     "experts-mismatch": _e("usage", "--experts: the experts of one layer differ in shape or dtype, or packed shapes disagree."),
     "experts-none": _e("usage", "--experts on a checkpoint holding no MoE expert tensors."),
+    "no-fp8": _e("usage", "--dequantize on a checkpoint holding no FP8 tensors."),
+    "fp8-no-scale": _e("usage", "--dequantize: an FP8 weight has no weight_scale_inv or weight_scale beside it."),
+    "scale-shape": _e("usage", "--dequantize: a scale's shape does not fit its weight and block size (both tensors are named)."),
     # writing (raised)
     "write-failed": _e("output", "Writing the output failed (full disk, permissions); nothing was left at the destination."),
     "verify-failed": _e("output", "The written files do not read back as planned; nothing was left at the destination."),

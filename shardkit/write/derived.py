@@ -103,8 +103,13 @@ class Reader:
         from ..dtypes import torch_dtype
         from ..materialize import load_tensor
 
-        if isinstance(entry, ComputedEntry):
-            raise TypeError("a computed entry is not a source of another computation")
+        if isinstance(entry, ComputedEntry):  # a computed input of a layout change (dequantized experts, packed)
+            data = bytearray()
+            for chunk in entry.recipe.chunks(self, entry.dtype):
+                data += chunk
+            if not data:
+                return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+            return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype(entry.dtype)).reshape(entry.shape)
         ranges = byte_ranges(entry)
         if isinstance(entry, PiecedEntry):
             dtype = torch_dtype(entry.dtype)
