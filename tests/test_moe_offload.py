@@ -362,3 +362,27 @@ def test_plan_cli_experts_offload_and_decode_traffic(moe, layout):
     assert "with routed fetch" in text and "top-2 routing" in text
     plain = CliRunner().invoke(main, ["plan", str(source), "--max-memory", "0=1GB"])
     assert plain.exit_code == 0 and "streaming blocks whole" in plain.output
+
+
+def test_no_room_for_staging_or_cache_is_a_clear_error_naming_the_block(moe, monkeypatch):
+    from shardkit.bigmodel import slab
+    from shardkit.bigmodel.hooks import OutOfMemoryError
+
+    _, _, _, mlp, _ = moe
+    original = slab.allocate
+
+    def tight(nbytes, device="cpu", pin=False):
+        if nbytes > 1 << 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+        return original(nbytes, device, pin)
+
+    monkeypatch.setattr(slab, "allocate", tight)
+    with pytest.raises(OutOfMemoryError, match=r"expert cache .* pass a smaller expert_cache"):
+        dispatched(moe, expert_cache="64MB")
+
+    def none(nbytes, device="cpu", pin=False):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(slab, "allocate", none)
+    with pytest.raises(OutOfMemoryError, match=rf"staging slabs .* 'model\.layers\.\d\.{mlp}\.experts'"):
+        dispatched(moe)

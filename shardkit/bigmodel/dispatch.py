@@ -25,7 +25,7 @@ from .devicemap import (
     main_device as map_main_device,
 )
 from .experts import ExpertCache, layout_for
-from .hooks import Block, Hook, Streamer
+from .hooks import Block, Hook, OutOfMemoryError, Streamer
 from .loader import load_checkpoint_in_model
 from .offload import INDEX_NAME, OffloadStore, OffloadWriter, stamp
 from .targets import Target, model_tensors
@@ -122,11 +122,7 @@ def dispatch_model(
     if routed_experts:
         for block in offloaded:
             block.experts = layout_for(block)
-    streamer = Streamer(options.main_device, offloaded, store) if offloaded else None
-    routed = [b for b in offloaded if b.experts is not None]
-    if streamer is not None and routed and expert_cache:
-        budget = parse_size(expert_cache) if isinstance(expert_cache, str) else int(expert_cache)
-        streamer.expert_cache = ExpertCache(options.main_device, budget, max(b.experts.expert_bytes for b in routed))
+    streamer = _streamer(options.main_device, offloaded, store, expert_cache) if offloaded else None
     for block in blocks:
         hook = Hook(block.module, block.device, block, streamer, block.name == "", options.skip_keys, options.offload_buffers)
         hook.attach()
@@ -135,6 +131,34 @@ def dispatch_model(
     model._shardkit_streamer = streamer
     model._shardkit_offload = store
     return model
+
+
+def _streamer(main: torch.device, offloaded: list[Block], store, expert_cache) -> Streamer:
+    """The streamer for ``offloaded`` blocks, with an expert cache when asked and some block is routed.
+
+    Its staging slabs (and the cache) are allocated here, once: a GPU without room for them is a clear error
+    naming the largest block, not an out-of-memory error in the first forward.
+    """
+    largest = max(offloaded, key=lambda b: b.nbytes)
+    try:
+        streamer = Streamer(main, offloaded, store)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemoryError(
+            f"out of memory on {main} allocating two staging slabs of {largest.nbytes:,} bytes for offloaded blocks "
+            f"(the largest is {largest.name or '(root)'!r}): give {main} a smaller max_memory so the map leaves room"
+        ) from exc
+    routed = [b for b in offloaded if b.experts is not None]
+    if routed and expert_cache:
+        budget = parse_size(expert_cache) if isinstance(expert_cache, str) else int(expert_cache)
+        try:
+            streamer.expert_cache = ExpertCache(main, budget, max(b.experts.expert_bytes for b in routed))
+        except torch.OutOfMemoryError as exc:
+            streamer.close()
+            raise OutOfMemoryError(
+                f"out of memory on {main} allocating a {budget:,}-byte expert cache beside the staging slabs of "
+                f"{largest.name or '(root)'!r}: pass a smaller expert_cache"
+            ) from exc
+    return streamer
 
 
 def _group_by_block(
