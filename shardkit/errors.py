@@ -67,6 +67,9 @@ CATALOGUE: dict[str, CodeInfo] = {
     ),
     "total-size-missing": _w("index", "The index has no integer metadata.total_size."),
     "total-size-float": _w("index", "metadata.total_size is a float (old transformers counted bools as 1/8 byte)."),
+    "total-size-unchecked": _w(
+        "index", "metadata.total_size could not be compared: some files could not be read (see their errors)."
+    ),
     # files: safetensors header rules (those of the reference Rust reader)
     "sf-too-small": _e("file", "The file is shorter than the 8-byte header length."),
     "sf-header-too-large": _e("file", "The header length is over 100 MB: a corrupt file or not safetensors at all."),
@@ -146,6 +149,9 @@ CATALOGUE: dict[str, CodeInfo] = {
     "checksum-unlisted": _w("deep", "A tensor of the checkpoint is not in the --checksums manifest."),
     "checksums-invalid": _e("deep", "The --checksums manifest cannot be read."),
     "deep-skipped": _w("deep", "Tensor data was not checked (unsupported dtype, or a file that could not be opened)."),
+    "nothing-checked": _e(
+        "layout", "The check read nothing (no file could be opened, or --deep/--checksums read no tensor): never sound."
+    ),
     # validate --model-config
     "model-missing-key": _e("model", "The model has a parameter the checkpoint lacks (it would keep random weights)."),
     "model-unexpected-key": _w("model", "The checkpoint has a tensor the model does not use."),

@@ -102,10 +102,17 @@ def check_relative_name(name: str, *, index_path: str) -> None:
 
 
 def _allowed_roots(folder: Path) -> list[str]:
+    """The folder itself and, inside a Hugging Face cache snapshot, the blob store of that one repo.
+
+    ``<repo>/snapshots/<commit>/[sub/folders/]file -> ../../[../]blobs/<hash>``: a checkpoint in a subfolder of a
+    snapshot (``text_encoder/``) links as far up as its repo's ``blobs/``, never to another repo's.
+    """
     roots = [os.path.realpath(folder)]
-    # HF cache: <repo>/snapshots/<revision>/file -> ../../blobs/<hash>
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        roots.append(os.path.realpath(folder.parent.parent / "blobs"))
+    here = Path(os.path.abspath(folder))
+    for snapshot in (here, *here.parents):  # the nearest <repo>/snapshots/<commit> at or above the folder
+        if snapshot.parent.name == "snapshots" and (snapshot.parent.parent / "blobs").is_dir():
+            roots.append(os.path.realpath(snapshot.parent.parent / "blobs"))
+            break
     return roots
 
 
@@ -117,6 +124,12 @@ def _resolve_cache_repo(folder: Path, revision: str) -> Path:
     ref = folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     snapshot = snapshots / commit
+    if not snapshot.is_dir() and revision == "main" and not ref.exists():
+        # Files fetched pinned to a commit leave no refs/main (shardkit 0.1, other tools): one snapshot is
+        # unambiguous.
+        only = [p for p in snapshots.iterdir() if p.is_dir()]
+        if len(only) == 1:
+            snapshot = only[0]
     if not snapshot.is_dir():
         raise CheckpointError(str(folder), f"cache holds no snapshot for revision {revision!r}", code="missing-file")
     return snapshot

@@ -9,6 +9,10 @@
 A file's body is ``head`` bytes followed by zeros up to its declared ``size``, produced lazily, so a repo of
 multi-GB shards costs nothing. Gated repos answer 401 + ``X-Error-Code: GatedRepo`` to file requests without
 a token; unknown repos answer 401 + ``X-Error-Code: RepoNotFound``, as the Hub does. ``sent`` counts body bytes.
+
+Misbehaviours for the failure tests: ``honour_range=False`` answers every ``Range`` with the whole file (200);
+``hang="all"`` accepts connections and never answers, ``hang="cdn"`` answers the API but never sends file bodies;
+``die_after=N`` drops every request (connection closed, no answer) once N file bodies were sent in full.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class HubServer:
     honour_range: bool = True
     sent: int = 0
     requests: list[str] = field(default_factory=list)
+    hang: str | None = None  # "all" or "cdn"
+    die_after: int | None = None
+    bodies_sent: int = 0
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def add_folder(self, repo_id: str, folder, *, gated: bool = False) -> Repo:
         """Serve the files of a local folder (and its subfolders) as a repo."""
@@ -77,6 +85,7 @@ class HubServer:
         return f"http://127.0.0.1:{server.server_address[1]}"
 
     def stop(self) -> None:
+        self._stopping.set()  # releases hanging handlers
         self._server.shutdown()
         self._server.server_close()
 
@@ -108,6 +117,13 @@ def _handler(hub: HubServer):
             hub.requests.append(f"{self.command} {self.path} {self.headers.get('Range', '')}".strip())
             url = urlsplit(self.path)
             path = unquote(url.path)
+            if hub.die_after is not None and hub.bodies_sent >= hub.die_after:
+                self.close_connection = True  # gone: the client sees the connection closed without an answer
+                return
+            if hub.hang == "all" or (hub.hang == "cdn" and _CDN.match(path)):
+                hub._stopping.wait(60)  # accepted, never answered
+                self.close_connection = True
+                return
             if m := _API.match(path):
                 return self._api(m[2], m[3], m[5] or "", parse_qs(url.query))
             if m := _RESOLVE.match(path):
@@ -216,6 +232,9 @@ def _handler(hub: HubServer):
                     hub.sent += len(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
+                return
+            if (start, stop) == (0, vf.size):
+                hub.bodies_sent += 1
 
         def _json(self, status: int, data, headers: dict | None = None):
             body = json.dumps(data).encode()
@@ -229,3 +248,30 @@ def _handler(hub: HubServer):
                 self.wfile.write(body)
 
     return Handler
+
+
+def isolate(monkeypatch, tmp_path, endpoint: str) -> None:
+    """Point huggingface_hub at ``endpoint`` with an empty HF_HOME and no token.
+
+    huggingface_hub reads its settings at import, so the constants are patched too; ``constants.ENDPOINT`` stays:
+    shardkit passes the endpoint explicitly, and hf_hub_url only swaps an endpoint it recognises as the default.
+    """
+    home = tmp_path / "hf_home"
+    for name, value in {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    import huggingface_hub.constants
+
+    constants = huggingface_hub.constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))

@@ -102,8 +102,8 @@ def test_index_empty(sharded):
     edit_index(sharded, lambda d: d.update(weight_map={}, metadata={"total_size": 0}))
     report = validate(sharded)
     assert "index-empty" in codes(report)
-    assert report.ok  # a warning; the three shards then show up as stale
-    assert codes(report).count("stale-shard") == 3
+    assert codes(report).count("stale-shard") == 3  # a warning each
+    assert not report.ok and "nothing-checked" in codes(report)  # no file read: never sound
 
 
 def test_index_format_mismatch(tmp_path):
@@ -116,7 +116,7 @@ def test_index_format_mismatch(tmp_path):
 def test_missing_shard(sharded):
     (sharded / "model-00002-of-00003.safetensors").unlink()
     report = validate(sharded)
-    assert codes(report) == ["missing-shard"]
+    assert codes(report) == ["missing-shard", "total-size-unchecked"]
     assert report.findings[0].file == "model-00002-of-00003.safetensors"
 
 
@@ -270,6 +270,7 @@ def test_every_broken_shard_is_reported(sharded):
     assert {(f.code, f.file) for f in report.findings} == {
         ("sf-truncated", "model-00001-of-00003.safetensors"),
         ("lfs-pointer", "model-00003-of-00003.safetensors"),
+        ("total-size-unchecked", "model.safetensors.index.json"),
     }
 
 
@@ -380,7 +381,8 @@ def test_report_to_dict(sharded):
     (sharded / "model-00002-of-00003.safetensors").unlink()
     data = validate(sharded).to_dict()
     assert data["verdict"] == "broken" and data["errors"] == 1 and data["bytes_downloaded"] == 0
-    assert data["findings"] == [
+    assert data["findings"][1]["code"] == "total-size-unchecked"
+    assert data["findings"][:1] == [
         {
             "code": "missing-shard",
             "severity": "error",
@@ -411,8 +413,8 @@ def test_cli_exit_codes_and_output(sharded, tmp_path):
     assert broken.returncode == 1
     lines = broken.stdout.strip().splitlines()
     assert lines[0] == "errors (1)" and "missing-shard" in lines[1]
-    assert lines[3] == "warnings (1)" and "stale-shard" in lines[4]
-    assert lines[-1].startswith("BROKEN: ") and "1 errors, 1 warnings" in lines[-1]
+    assert lines[3] == "warnings (2)" and {lines[4].split()[0], lines[5].split()[0]} == {"stale-shard", "total-size-unchecked"}
+    assert lines[-1].startswith("BROKEN: ") and "1 errors, 2 warnings" in lines[-1]
     unreadable = _cli(tmp_path / "nope")
     assert (
         unreadable.returncode == 2

@@ -19,6 +19,7 @@ import torch
 from builders import save_bin, save_safetensors, save_sharded, tied_state_dict, varied_state_dict
 from click.testing import CliRunner
 from hubserver import HubServer, VirtualFile
+from hubserver import isolate as _isolate
 
 import shardkit
 from shardkit import validate
@@ -28,31 +29,6 @@ from shardkit.formats.safetensors import build_header
 from shardkit.hub import remote
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _isolate(monkeypatch, tmp_path, endpoint: str) -> None:
-    """Point huggingface_hub at ``endpoint`` with an empty HF_HOME and no token.
-
-    huggingface_hub reads its settings at import, so the constants are patched too; ``constants.ENDPOINT`` stays:
-    shardkit passes the endpoint explicitly, and hf_hub_url only swaps an endpoint it recognises as the default.
-    """
-    home = tmp_path / "hf_home"
-    for name, value in {
-        "HF_ENDPOINT": endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(home / "hub"),
-        "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    constants = huggingface_hub.constants
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
 
 
 @pytest.fixture
@@ -161,6 +137,7 @@ def test_remote_problems_are_all_reported(hub, tmp_path):
         ("sf-trailing-bytes", "model-00003-of-00004.safetensors"),
         ("lfs-pointer", "model-00004-of-00004.safetensors"),
         ("stale-shard", "model-00005-of-00005.safetensors"),
+        ("total-size-unchecked", "model.safetensors.index.json"),  # three of four files unread: said, not skipped
     }
 
 
@@ -171,7 +148,7 @@ def test_remote_missing_shard_and_bin_repo(hub, tmp_path):
     repo = hub.add_folder("org/bin", folder)
     assert validate("org/bin").findings == []
     del repo.files["pytorch_model-00002-of-00003.bin"]
-    assert validate("org/bin").codes == {"missing-shard"}
+    assert validate("org/bin").codes == {"missing-shard", "total-size-unchecked"}
 
 
 def test_remote_bin_larger_than_the_first_range(hub, tmp_path):
@@ -246,7 +223,7 @@ def test_legacy_torch_file_in_a_repo_is_not_checked_remotely(hub, tmp_path):
     )
     hub.add_folder("org/legacy", tmp_path / "repo")
     report = validate("org/legacy")
-    assert report.codes == {"not-checked"} and report.ok
+    assert report.codes == {"not-checked", "nothing-checked"} and not report.ok  # nothing read: never sound
     deep = validate("org/legacy", deep=True)  # downloaded, then checked (and its data read) locally
     assert {(f.code, f.tensor) for f in deep.findings} == {("all-zero", "z")}
 
@@ -417,7 +394,10 @@ def test_olah_broken_repo_and_missing_repo(olah, monkeypatch, tmp_path):
     endpoint, _ = olah
     _isolate(monkeypatch, tmp_path, endpoint)
     report = validate("org/broken")
-    assert {(f.code, f.file) for f in report.findings} == {("sf-truncated", "model-00001-of-00003.safetensors")}
+    assert {(f.code, f.file) for f in report.findings} == {
+        ("sf-truncated", "model-00001-of-00003.safetensors"),
+        ("total-size-unchecked", "model.safetensors.index.json"),
+    }
     with pytest.raises(HubError) as info:
         validate("org/absent")
     assert info.value.code == "repo-not-found"

@@ -104,9 +104,11 @@ class LazyGroup(click.Group):
         except ShardkitError as exc:
             click.echo(f"shardkit: error: {exc}", err=True)
             ctx.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except ModuleNotFoundError as exc:
             if exc.name not in _OPTIONAL:
-                raise
+                _internal_error(ctx, exc)
             click.echo(
                 f"shardkit: error: this needs {exc.name}, which is not installed: pip install {_OPTIONAL[exc.name]}", err=True
             )
@@ -124,6 +126,28 @@ class LazyGroup(click.Group):
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"shardkit: error: {where}{exc.strerror or exc}", err=True)
             ctx.exit(2)
+        except Exception as exc:
+            _internal_error(ctx, exc)
+
+
+#: Exit code of an unexpected exception (a bug), apart from 1 ("validate found errors") and 2 ("can't do that").
+EXIT_INTERNAL_ERROR = 3
+
+
+def _internal_error(ctx: click.Context, exc: BaseException):
+    """One line and exit code 3 for an exception shardkit did not expect; ``SHARDKIT_TRACEBACK=1`` shows where."""
+    import os
+    import traceback
+
+    if os.environ.get("SHARDKIT_TRACEBACK"):
+        traceback.print_exception(exc)
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    click.echo(
+        f"shardkit: internal error: {type(exc).__name__}{': ' + reason if reason else ''} "
+        "(a bug in shardkit; please report it, with SHARDKIT_TRACEBACK=1 for the traceback)",
+        err=True,
+    )
+    ctx.exit(EXIT_INTERNAL_ERROR)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .split import _quiet_library_warnings, finish, local_source, write_options
+from .split import _quiet_library_warnings, finish, source_checkpoint, write_options
 
 
 @click.command("convert")
@@ -43,14 +43,21 @@ def convert_command(
     and the new index lists the new files. Shared tensors keep one copy; the dropped names are recorded in the
     metadata the way huggingface_hub does. --format bin converts back. SRC may be a Hub repo id (org/name).
     """
-    from ..write import convert
+    from ..write import run_convert
 
     _quiet_library_warnings()
-    src = local_source(
-        src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token, quiet=quiet
-    )
-    summary = convert(
+    checkpoint = source_checkpoint(
         src,
+        revision=revision,
+        subfolder=subfolder,
+        variant=variant,
+        repo_type=repo_type,
+        token=token,
+        quiet=quiet,
+        dry_run=dry_run,
+    )
+    summary = run_convert(
+        checkpoint,
         dst,
         max_shard_size=max_shard_size,
         format=fmt,
@@ -59,7 +66,6 @@ def convert_command(
         verify=verify,
         dry_run=dry_run,
         progress=not quiet and not as_json,
-        variant=variant,
         **transforms,
     )
     push = dict(create_pr=create_pr, commit_message=commit_message, delete_bin=delete_bin, create=create, private=private)

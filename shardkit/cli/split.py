@@ -128,14 +128,21 @@ def split_command(
     files are downloaded, into the Hugging Face cache). Contiguous tensors are copied as byte ranges (torch is
     never imported unless --dtype or a non-contiguous/legacy source needs it). DST appears atomically.
     """
-    from ..write import split
+    from ..write import run_split
 
     _quiet_library_warnings()
-    src = local_source(
-        src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token, quiet=quiet
-    )
-    summary = split(
+    checkpoint = source_checkpoint(
         src,
+        revision=revision,
+        subfolder=subfolder,
+        variant=variant,
+        repo_type=repo_type,
+        token=token,
+        quiet=quiet,
+        dry_run=dry_run,
+    )
+    summary = run_split(
+        checkpoint,
         dst,
         max_shard_size=max_shard_size,
         format=fmt,
@@ -144,7 +151,6 @@ def split_command(
         verify=verify,
         dry_run=dry_run,
         progress=not quiet and not as_json,
-        variant=variant,
         **transforms,
     )
     push = dict(create_pr=create_pr, commit_message=commit_message, delete_bin=delete_bin, create=create, private=private)
@@ -179,21 +185,28 @@ def _quiet_library_warnings() -> None:
     warnings.simplefilter("ignore", TransformWarning)
 
 
-def local_source(src: str, *, revision, subfolder, variant, repo_type, token, quiet: bool) -> str:
-    """``src`` itself when it exists locally; a Hub repo id's checkpoint files downloaded into the cache otherwise."""
+def source_checkpoint(src: str, *, revision, subfolder, variant, repo_type, token, quiet: bool, dry_run: bool):
+    """The table of SRC: a local path, or a Hub repo id's checkpoint (``dry_run``: from remote headers, nothing
+    downloaded; otherwise its checkpoint files downloaded into the Hugging Face cache, or found there offline)."""
     import os
 
     from ..hub.remote import looks_like_repo_id
+    from ..reader import open_checkpoint
 
     if os.path.exists(src) or not looks_like_repo_id(src):
-        return os.path.join(src, subfolder) if subfolder else src
+        return open_checkpoint(os.path.join(src, subfolder) if subfolder else src, variant=variant, revision=revision or "main")
+    if dry_run:
+        from ..hub.remote import open_remote_checkpoint
+
+        return open_remote_checkpoint(
+            src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
+        )
     from ..hub import download_checkpoint
 
     if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    return str(
-        download_checkpoint(src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
-    )
+    folder = download_checkpoint(src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
+    return open_checkpoint(folder, variant=variant)
 
 
 def report(summary: WriteSummary, as_json: bool) -> None:

@@ -22,7 +22,7 @@ from ..formats.torchzip import read_torch_zip
 from ..naming import INDEX_RE, pick_checkpoint
 from ..reader import MAX_INDEX_SIZE, assemble_checkpoint, check_relative_name, parse_index
 from ..table import Checkpoint, FileInfo, IndexInfo, TensorEntry
-from .http import Fetcher, hub_endpoint, is_hub_failure, translate
+from .http import Fetcher, bounded_session, hub_endpoint, is_hub_failure, metadata_timeout, translate
 
 #: First request per file: the hub's own heuristic (huggingface_hub PR #1855).
 PREFIX = 100_000
@@ -63,17 +63,24 @@ class HubRepo:
         self.label = repo_id + (f"/{self.subfolder}" if self.subfolder else "") + (f"@{revision}" if revision else "")
         self.folder = None  # nothing local
         self.api = HfApi(endpoint=self.endpoint, token=token)
-        try:
-            info = self.api.repo_info(repo_id, revision=revision or "main", repo_type=self.repo_type)
-        except Exception as exc:
-            if not is_hub_failure(exc):
-                raise
-            raise translate(exc, what=self.label, repo=self.label) from None
+        info = self._call(
+            self.api.repo_info, repo_id, revision=revision or "main", repo_type=self.repo_type, timeout=metadata_timeout()
+        )
         self.commit = getattr(info, "sha", None) or revision or "main"
         self.fetcher = Fetcher(build_hf_headers(token=token), label=self.label)
         self._listing: dict[str, int] | None = None
         self._prefetched: dict[str, tuple] = {}
         self._broken_headers: dict[str, tuple[bytes, int]] = {}
+
+    def _call(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)`` through huggingface_hub, bounded in time, its failures made one line."""
+        try:
+            with bounded_session():
+                return function(*args, **kwargs)
+        except Exception as exc:
+            if not is_hub_failure(exc):
+                raise
+            raise translate(exc, what=self.label, repo=self.label) from None
 
     @property
     def bytes_downloaded(self) -> int:
@@ -88,15 +95,13 @@ class HubRepo:
     def listing(self) -> dict[str, int]:
         """``{file name relative to the subfolder: size}`` of the folder's files (LFS files: the real size)."""
         if self._listing is None:
-            try:
-                tree = self.api.list_repo_tree(
-                    self.repo_id, path_in_repo=self.subfolder or None, revision=self.commit, repo_type=self.repo_type
+            items = self._call(
+                lambda: list(
+                    self.api.list_repo_tree(
+                        self.repo_id, path_in_repo=self.subfolder or None, revision=self.commit, repo_type=self.repo_type
+                    )
                 )
-                items = list(tree)
-            except Exception as exc:
-                if not is_hub_failure(exc):
-                    raise
-                raise translate(exc, what=self.label, repo=self.label) from None
+            )
             prefix = self.subfolder + "/" if self.subfolder else ""
             self._listing = {
                 item.path[len(prefix) :]: item.size
@@ -116,12 +121,7 @@ class HubRepo:
             return listing.get(name)
         # A file in a deeper folder (an index may name one): ask for that path alone.
         path = f"{self.subfolder}/{name}" if self.subfolder else name
-        try:
-            infos = self.api.get_paths_info(self.repo_id, [path], revision=self.commit, repo_type=self.repo_type)
-        except Exception as exc:
-            if not is_hub_failure(exc):
-                raise
-            raise translate(exc, what=self.label, repo=self.label) from None
+        infos = self._call(self.api.get_paths_info, self.repo_id, [path], revision=self.commit, repo_type=self.repo_type)
         sizes = [getattr(i, "size", None) for i in infos if getattr(i, "path", None) == path]
         return sizes[0] if sizes else None
 
@@ -162,13 +162,25 @@ class HubRepo:
         if size is None:
             raise CheckpointError(name, "no such file in the repo", code="missing-file")
         url = self.url(name)
-        head = self.fetcher.read_range(url, 0, min(PREFIX, size), name=name) if size else b""
+        if not size:
+            return self._parse(name, b"", size, None)
+        with self.fetcher.open(url, 0, min(PREFIX, size), name=name) as body:
+            head = body.read(min(PREFIX, size))
+            if body.ranged:
+                return self._parse(name, head, size, None)
+            # The server sent the whole file: whatever more this file needs comes from this same answer.
+            return self._parse(name, head, size, body)
+
+    def _parse(self, name: str, head: bytes, size: int, whole) -> tuple[FileInfo, list[TensorEntry]]:
+        """The header of ``name`` from its first bytes ``head``; ``whole`` is the rest of a whole-file answer, or None."""
+        url = self.url(name)
         fmt = sniff(name, head[:512])
         if fmt == "safetensors":
             length = parse_header_length(name, head, size)
             raw = head[8 : 8 + length]
             if len(raw) < length:
-                raw += self.fetcher.read_range(url, len(head), 8 + length - len(head), name=name)
+                more = 8 + length - len(head)
+                raw += whole.read(more) if whole is not None else self.fetcher.read_range(url, len(head), more, name=name)
             if len(raw) < length:
                 raise CheckpointError(
                     name,
@@ -181,7 +193,8 @@ class HubRepo:
                 self._broken_headers[name] = (raw, size)  # for header_problems: no second download
                 raise
         if fmt == "torch-zip":
-            return read_torch_zip(name, RangeFile(self.fetcher, url, size, name=name, head=head), size)
+            with RangeFile(self.fetcher, url, size, name=name, head=head, whole=whole) as handle:
+                return read_torch_zip(name, handle, size)
         raise CheckpointError(
             name,
             "is a legacy torch file, whose tensors can only be located by loading it: validate a downloaded copy",
@@ -224,7 +237,7 @@ class HubRepo:
         return path
 
     def download(self, selected: str):
-        """Download the checkpoint's files into the Hugging Face cache.
+        """Download the checkpoint's files into the Hugging Face cache (shards absent from the repo are skipped).
 
         Returns the local folder, the checkpoint's table read from it (None if unreadable) and the report of
         that local header check (whose findings repeat the remote ones, except for files not checkable remotely).
@@ -232,26 +245,50 @@ class HubRepo:
         from ..validation.checks import check_checkpoint
         from ..validation.report import Report
         from ..validation.sources import LocalFolder
-        from .download import fetch_files
+        from .download import fetch_checkpoint
 
-        folder, fetched = fetch_files(self, self.checkpoint_files(selected))
-        self.fetcher.bytes_received += fetched
+        folder = fetch_checkpoint(self, selected, skip_missing=True)
         local = Report(target=str(folder))
         return str(folder), check_checkpoint(LocalFolder(folder), selected, local, whole_folder=False), local
 
 
 class RangeFile(io.RawIOBase):
-    """A read-only, seekable view of a remote file that fetches :data:`BLOCK`-sized ranges on demand."""
+    """A read-only, seekable view of a remote file that fetches :data:`BLOCK`-sized ranges on demand.
+
+    A zip is read from its end, then record by record, so a server that ignores ``Range`` (each request restarts
+    from byte 0) would send the file again for every read. Once the server is seen to ignore ``Range``, or when
+    ``whole`` (the rest of a whole-file answer) is given, the file is instead streamed once into a temporary file
+    and read from there: one file's size over the wire, bounded memory, the disk space of one file.
+    """
 
     BLOCK = 16 * 1024
     MAX_BLOCKS = 256  # cache bound: 4 MiB
 
-    def __init__(self, fetcher: Fetcher, url: str, size: int, *, name: str, head: bytes = b"") -> None:
+    def __init__(self, fetcher: Fetcher, url: str, size: int, *, name: str, head: bytes = b"", whole=None) -> None:
         super().__init__()
         self._fetcher, self._url, self._size, self._name = fetcher, url, size, name
         self._pos = 0
         self._head = head  # bytes [0, len(head)) already fetched
         self._blocks: dict[int, bytes] = {}
+        self._spool = None
+        if whole is not None:
+            self._fill_spool(whole)
+
+    def _fill_spool(self, whole=None) -> None:
+        self._spool = tempfile.TemporaryFile(prefix="shardkit-hub-")
+        self._spool.write(self._head)
+        rest = self._size - len(self._head)
+        if whole is not None:
+            whole.copy_to(self._spool, rest)
+        elif rest > 0:
+            with self._fetcher.open(self._url, len(self._head), rest, name=self._name) as body:
+                body.copy_to(self._spool, rest)
+        self._blocks.clear()
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -272,7 +309,12 @@ class RangeFile(io.RawIOBase):
         want = min(len(view), max(0, self._size - self._pos))
         if want <= 0:
             return 0
-        if self._pos + want <= len(self._head):
+        if self._spool is None and self._fetcher.range_ignored and self._pos + want > len(self._head):
+            self._fill_spool()
+        if self._spool is not None:
+            self._spool.seek(self._pos)
+            want = self._spool.readinto(view[:want])
+        elif self._pos + want <= len(self._head):
             view[:want] = self._head[self._pos : self._pos + want]
         elif want > self.BLOCK * 4:  # a big read (data.pkl): one exact range, not cached
             data = self._fetcher.read_range(self._url, self._pos, want, name=self._name)
@@ -312,9 +354,16 @@ def open_remote_checkpoint(
 ) -> Checkpoint:
     """The table of a Hub repo's checkpoint from headers alone (what ``inspect org/name`` shows).
 
-    Raises like :func:`shardkit.open_checkpoint` on the first problem; use :func:`shardkit.validate` to list all.
+    When ``HF_HUB_OFFLINE`` is set or the Hub can't be reached, the checkpoint of the cached snapshot is read
+    instead. Raises like :func:`shardkit.open_checkpoint` on the first problem; use :func:`shardkit.validate`
+    to list all.
     """
-    repo = HubRepo(repo_id, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+    from ..reader import open_checkpoint
+    from .cache import open_repo
+
+    repo = open_repo(repo_id, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+    if not isinstance(repo, HubRepo):  # the cached snapshot folder
+        return open_checkpoint(repo, variant=variant)
     selected = repo.select_checkpoint(variant)
     if not INDEX_RE.match(selected):
         return assemble_checkpoint(repo.label, [(selected, *repo.open_file(selected))], root="")

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import CheckpointError, HubError, UsageError
+from ..errors import CheckpointError, UsageError
 from ..formats.dcp import dcp_folder
 from ..hub.remote import looks_like_repo_id
 from ..naming import pick_checkpoint
@@ -53,38 +53,26 @@ def validate(
     """
     label = os.fspath(target)
     local = Path(label)
+    from_cache = None
     if not local.exists() and looks_like_repo_id(label):
-        from ..hub.remote import HubRepo
+        from ..hub.cache import open_repo
 
-        try:
-            source = HubRepo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
-        except HubError as exc:
-            if exc.code == "repo-not-found":  # maybe a mistyped local path
-                raise HubError(f"{exc}; nor is there a local file or folder {label!r}", code=exc.code) from None
-            raise
+        source = open_repo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+        if isinstance(source, Path):  # offline or unreachable: the cached snapshot answers
+            from_cache, source = str(source), LocalFolder(source)
         selected, whole_folder = _select(source, label, variant), True
     elif local.exists() and is_dcp_target(local):
         source, selected, whole_folder = LocalFolder(dcp_folder(local)), None, False
     else:
         source, selected, whole_folder = _locate_local(local, subfolder, variant, revision)
 
-    report = Report(target=label, checkpoint=selected)
+    report = Report(target=label, checkpoint=selected, from_cache=from_cache)
     if selected is None:  # a DCP training checkpoint
         checkpoint = check_dcp(local, report)
     else:
         checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
-    unchecked = {f.file for f in report.findings if f.code == "not-checked"}
-    if (checkpoint is not None or unchecked) and (deep or checksums):
-        from .deep import check_data
-
-        folder = getattr(source, "folder", None)
-        if folder is None:  # a Hub repo: the data checks need the files
-            folder, checkpoint, local = source.download(selected)
-            # Files that could not be checked remotely (legacy torch) were checked in the downloaded copy.
-            report.findings = [f for f in report.findings if f.code != "not-checked"]
-            report.findings += [f for f in local.findings if f.file in unchecked]
-        if checkpoint is not None:
-            check_data(checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder)
+    if deep or checksums:
+        checkpoint = _check_data(source, selected, checkpoint, report, deep=deep, checksums=checksums)
     if checkpoint is not None and model_config:
         from .model import check_model
 
@@ -106,8 +94,40 @@ def validate(
             check_cache_blobs(Path(folder), report, progress=progress)
         if against:
             check_against(Path(folder), against, report, repo_type=repo_type, token=token, progress=progress)
+    if report.files_checked == 0 and report.ok:
+        why = " (a legacy torch file is checked only downloaded: pass --deep)" if "not-checked" in report.codes else ""
+        report.add("nothing-checked", f"no checkpoint file could be read, so nothing was checked{why}.", file=selected)
     report.bytes_downloaded = source.bytes_downloaded
+    report.server_ignored_range = bool(getattr(getattr(source, "fetcher", None), "range_ignored", False))
     return report
+
+
+def _check_data(source, selected: str, checkpoint, report: Report, *, deep: bool, checksums) -> object:
+    """``--deep`` and ``--checksums``: read the tensor data (a Hub repo's checkpoint is downloaded first).
+
+    Returns the table the data was read from. A run that read no tensor at all is an error, never sound.
+    """
+    from .deep import check_data
+
+    unchecked = {f.file for f in report.findings if f.code == "not-checked"}
+    folder = getattr(source, "folder", None)
+    if folder is None and (checkpoint is not None or unchecked):  # a Hub repo: the data checks need the files
+        folder, checkpoint, downloaded = source.download(selected)
+        # The downloaded copy was checked again: what only it could see (files not checkable remotely, symlinks
+        # of the cache) is kept; what both saw is listed once.
+        report.findings = [f for f in report.findings if f.code != "not-checked"]
+        seen = {(f.code, f.file, f.tensor) for f in report.findings}
+        report.findings += [f for f in downloaded.findings if (f.code, f.file, f.tensor) not in seen]
+        report.files_checked = max(report.files_checked, downloaded.files_checked)
+        report.tensors_checked = max(report.tensors_checked, downloaded.tensors_checked)
+    scanned = 0
+    if checkpoint is not None:
+        scanned = check_data(checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder)
+    if not scanned and report.ok:  # when errors explain it, one more would only repeat them
+        what = "--deep" if deep else "--checksums"
+        written = " and no checksum manifest was written" if checksums and not os.path.exists(checksums) else ""
+        report.add("nothing-checked", f"{what} read no tensor data{written}.", file=selected)
+    return checkpoint
 
 
 def _locate_local(path: Path, subfolder: str | None, variant: str | None, revision: str | None):

@@ -96,8 +96,8 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
             layout.check_file(file_name, *result, report)
 
     checkpoint = _assemble(source, index, opened, report)
-    complete = len(opened) == len(set(weight_map.values()))
-    _check_total_size(index_name, index.metadata, checkpoint.total_bytes if complete else None, report)
+    unread = len(set(weight_map.values())) - len(opened)
+    _check_total_size(index_name, index.metadata, checkpoint.total_bytes, unread, report)
     layout.check_numbering(index_name, sorted(set(weight_map.values())), report)
     report.tensors_checked = len(checkpoint)
     return checkpoint
@@ -133,8 +133,12 @@ def _check_index_format(index_name: str, weight_map: dict[str, str], report: Rep
         )
 
 
-def _check_total_size(index_name: str, metadata: dict, actual: int | None, report: Report) -> None:
-    """``metadata.total_size`` against the tensors' bytes (``actual``, None when not every file could be read)."""
+def _check_total_size(index_name: str, metadata: dict, actual: int, unread: int, report: Report) -> None:
+    """``metadata.total_size`` against the tensors' bytes ``actual`` of the files read (``unread`` files were not).
+
+    With files unread the sum is a lower bound: a total below it is still wrong, any other is not checked (and
+    the report says so rather than staying silent).
+    """
     total = metadata.get("total_size")
     if total is None or isinstance(total, bool) or not isinstance(total, (int, float)):
         report.add(
@@ -143,14 +147,28 @@ def _check_total_size(index_name: str, metadata: dict, actual: int | None, repor
             file=index_name,
         )
     elif isinstance(total, float):
-        what = f" (the tensors hold {actual} bytes)" if actual is not None else ""
+        what = f" (the tensors hold {actual} bytes)" if not unread else ""
         report.add(
             "total-size-float", f"metadata.total_size is the float {total}{what}; write the integer byte count.", file=index_name
         )
-    elif actual is not None and total != actual:
+    elif not unread and total != actual:
         report.add(
             "total-size-mismatch",
             f"metadata.total_size is {total} but the tensors hold {actual} bytes (shared tensors counted once): fix the index.",
+            file=index_name,
+        )
+    elif unread and total < actual:
+        report.add(
+            "total-size-mismatch",
+            f"metadata.total_size is {total} but the files that could be read already hold {actual} bytes of tensors "
+            f"({unread} file{'s' if unread != 1 else ''} unread): fix the index.",
+            file=index_name,
+        )
+    elif unread:
+        report.add(
+            "total-size-unchecked",
+            f"metadata.total_size ({total}) was not checked: {unread} file{'s' if unread != 1 else ''} could not be read, "
+            f"the others hold {actual} bytes of tensors.",
             file=index_name,
         )
 

@@ -34,8 +34,11 @@ def check_data(
     nan_inf_zero: bool = True,
     checksums: str | os.PathLike | None = None,
     relative_to: str | os.PathLike | None = None,
-) -> None:
-    """Read every stored tensor of ``checkpoint``; record NaN/Inf/all-zero findings and handle the manifest."""
+) -> int:
+    """Read every stored tensor of ``checkpoint``; record NaN/Inf/all-zero findings and handle the manifest.
+
+    Returns how many tensors were read. A manifest is never written from nothing (no tensor read).
+    """
     import torch  # --deep is the one validate path that needs tensors
 
     digests: dict[str, dict] = {}
@@ -64,8 +67,9 @@ def check_data(
                 digests[entry.name] = {"sha256": stats["sha256"], "dtype": entry.dtype, "shape": list(entry.shape)}
                 if nan_inf_zero:
                     _report_stats(report, shown, entry, stats)
-    if checksums:
+    if checksums and (digests or os.path.exists(checksums)):
         _manifest(report, os.fspath(checksums), digests)
+    return len(digests)
 
 
 def _scan(torch, entry: TensorEntry, handle) -> dict:

@@ -49,6 +49,8 @@ class Report:
     bytes_downloaded: int = 0
     checksums_written: str | None = None
     checksums_matched: int | None = None  # tensors whose SHA-256 equals the --checksums manifest's
+    from_cache: str | None = None  # a repo id answered by this local cache snapshot (offline, or Hub unreachable)
+    server_ignored_range: bool = False  # the Hub server sent whole files: each was streamed once, then cut off
 
     def add(self, code: str, message: str, *, file: str | None = None, tensor: str | None = None) -> None:
         """Record a finding; its severity comes from :data:`CODES` (a code missing there counts as an error)."""
@@ -90,5 +92,7 @@ class Report:
             "bytes_downloaded": self.bytes_downloaded,
             "checksums_written": self.checksums_written,
             "checksums_matched": self.checksums_matched,
+            "from_cache": self.from_cache,
+            "server_ignored_range": self.server_ignored_range,
             "findings": [f.to_dict() for f in self.findings],
         }

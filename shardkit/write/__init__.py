@@ -253,7 +253,8 @@ def write(
     if not plan.files:
         raise UsageError(f"{checkpoint.source}: holds no tensors; nothing to write")
     dst = os.path.abspath(os.fspath(dst))
-    refuse_inside(dst, checkpoint.source, [info.path for info in checkpoint.files])
+    if checkpoint.root != "":  # "": a Hub repo read by ranges (a dry run), nothing local to protect
+        refuse_inside(dst, checkpoint.source, [info.path for info in checkpoint.files])
     summary = _summary(checkpoint, plan, dst)
     summary.notes = list(notes or [])
     if transformed is not None and transformed.listed:
