@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
+
+#: The formats shardkit writes: ``.safetensors`` files or torch zip ``.bin`` files.
+OutputFormat = Literal["safetensors", "bin"]
 
 #: Output format -> (file stem, suffix).
-FORMATS = {"safetensors": ("model", ".safetensors"), "bin": ("pytorch_model", ".bin")}
+FORMATS: dict[OutputFormat, tuple[str, str]] = {"safetensors": ("model", ".safetensors"), "bin": ("pytorch_model", ".bin")}
 
 #: Suffixes of the checkpoint files a folder or repo is searched for (readers, validation, the Hub side).
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

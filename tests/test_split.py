@@ -226,9 +226,30 @@ def test_short_source_leaves_nothing(tmp_path):
     size = (tmp_path / "src.safetensors").stat().st_size
     os.truncate(tmp_path / "src.safetensors", size - 20)  # the file shrinks after its header was read
     with pytest.raises(CheckpointError, match="short of the data it declares") as error:
-        shardkit.run_split(checkpoint, tmp_path / "out")
+        shardkit.split(checkpoint, tmp_path / "out")
     assert error.value.code == "short-read"
     assert os.listdir(tmp_path) == ["src.safetensors"]
+
+
+def test_split_and_convert_take_a_path_or_an_open_checkpoint_and_run_twins_are_deprecated_aliases(tmp_path):
+    state = varied_state_dict()
+    save_safetensors(state, tmp_path / "src.safetensors")
+    checkpoint = shardkit.open_checkpoint(tmp_path / "src.safetensors")
+    by_path = shardkit.split(tmp_path / "src.safetensors", tmp_path / "a", max_shard_size=300)
+    by_table = shardkit.split(checkpoint, tmp_path / "b", max_shard_size=300)
+    with pytest.warns(DeprecationWarning, match="shardkit.split"):
+        by_alias = shardkit.run_split(checkpoint, tmp_path / "c", max_shard_size=300)
+    assert len(by_path.files) > 1 and by_path.files == by_table.files == by_alias.files
+    for name in ("a", "b", "c"):
+        assert folder_digest(tmp_path / name) == folder_digest(tmp_path / "a")
+    with pytest.warns(DeprecationWarning, match="shardkit.convert"):
+        shardkit.run_convert(checkpoint, tmp_path / "d", format="bin")
+    shardkit.convert(checkpoint, tmp_path / "e", format="bin")
+    assert folder_digest(tmp_path / "d") == folder_digest(tmp_path / "e")
+    loaded = {k: v for path in sorted((tmp_path / "b").glob("*.safetensors")) for k, v in load_file(str(path)).items()}
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    with pytest.raises(TypeError):
+        shardkit.split(checkpoint, tmp_path / "f", no_such_option=True)
 
 
 def test_truncated_source_one_line_error(tmp_path):

@@ -462,6 +462,20 @@ def test_split_and_convert_take_a_repo_id(hub, tmp_path, command):
     assert not any("README" in r for r in hub.requests if r.startswith("GET /cdn/"))
 
 
+def test_library_split_takes_a_repo_id(hub, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    state = tied_state_dict()
+    save_sharded(state, folder, 800)
+    hub.add_folder("org/lib", folder)
+    summary = shardkit.split("org/lib", tmp_path / "out", max_shard_size=400, revision="main")
+    assert len(summary.files) > 1
+    loaded = {k: v for path in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(str(path)).items()}
+    assert loaded and all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
 def test_split_of_a_missing_repo_is_one_line(hub, tmp_path):
     result = CliRunner().invoke(main, ["split", "org/nothing", str(tmp_path / "out")])
     assert result.exit_code == 2

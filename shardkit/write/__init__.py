@@ -1,7 +1,7 @@
 """The library face of ``shardkit split`` and ``shardkit convert``: plan, write into staging, verify, publish.
 
-:func:`split` and :func:`convert` take a path; :func:`run_split` and :func:`run_convert` take an already opened
-:class:`~shardkit.table.Checkpoint` (from a local folder or the Hub alike). All return a :class:`WriteSummary`.
+:func:`split` and :func:`convert` take a path, a Hub repo id or an open :class:`~shardkit.table.Checkpoint`, with
+explicit keyword arguments, and return a :class:`WriteSummary`. ``run_split``/``run_convert`` are deprecated aliases.
 """
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ import errno
 import os
 import sys
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Union
 
 from ..dtypes import parse_dtype
 from ..errors import OutputError, UsageError
 from ..fileio import write_all
+from ..naming import OutputFormat
 from ..reader import open_checkpoint
 from ..table import Checkpoint
 from ..units import parse_size
@@ -55,145 +59,112 @@ class WriteSummary:
         return asdict(self)
 
 
+Source = Union[str, "os.PathLike[str]", Checkpoint]
+
+
 def split(
-    src,
-    dst,
+    src: Source,
+    dst: str | os.PathLike[str],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    format: str = "safetensors",
+    format: OutputFormat = "safetensors",
     dtype: str | None = None,
     overwrite: bool = False,
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
-    select=(),
-    drop=(),
-    rename=(),
-    strip_prefix=(),
-    keep_dtype=(),
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    rename: Sequence[str] = (),
+    strip_prefix: Sequence[str] = (),
+    keep_dtype: Sequence[str] = (),
     dequantize: str | None = None,
     experts: ExpertLayout | None = None,
     tie: bool = False,
     untie: bool = False,
+    transforms: Transforms | None = None,
+    config: dict | None = None,
     variant: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    repo_type: str = "model",
+    token: str | bool | None = None,
 ) -> WriteSummary:
-    """Reshard the checkpoint at ``src`` into ``dst`` with shards of at most ``max_shard_size`` (see :func:`run_split`).
+    """Reshard ``src`` into ``dst`` with shards of at most ``max_shard_size``, packed the way huggingface_hub
+    shards (next-fit in key order; a larger tensor gets a shard of its own).
 
-    Transforms (see :mod:`shardkit.write.transforms`): ``select``/``drop`` (glob or ``re:`` patterns),
-    ``rename`` (``REGEX=REPLACEMENT`` rules in order), ``strip_prefix``, ``dtype`` (or ``"auto"``) with
-    ``keep_dtype`` patterns, ``dequantize`` (block-FP8 to bf16/fp16/fp32), ``experts`` (``"packed"`` or
-    ``"per-expert"``), ``tie``/``untie``.
+    ``src`` is a checkpoint path (file, index, folder, Hugging Face cache folder), a Hub repo id ``org/name``
+    (only its checkpoint files are downloaded, into the Hugging Face cache; ``revision``, ``subfolder``,
+    ``repo_type`` and ``token`` apply) or an open :class:`~shardkit.table.Checkpoint`. ``variant`` picks
+    ``model.<variant>.safetensors`` and friends. ``format`` is ``"safetensors"`` or ``"bin"``.
+
+    Transforms (see :mod:`shardkit.write.transforms`), applied before planning: ``select``/``drop`` (glob or
+    ``re:`` patterns), ``rename`` (``REGEX=REPLACEMENT`` rules in order), ``strip_prefix``, ``dtype`` (``bf16``,
+    ``fp16``, ``fp32``, ``fp64`` or ``"auto"`` from config.json) with ``keep_dtype`` patterns, ``dequantize``
+    (block-FP8 to bf16/fp16/fp32), ``experts`` (``"packed"`` or ``"per-expert"``), ``tie``/``untie``; or all of
+    them as one ``transforms`` object (not both). ``config`` is the parsed config.json (default: the one beside
+    the checkpoint). ``overwrite``, ``verify``, ``dry_run``, ``progress``: see :func:`write`.
     """
-    return run_split(
-        open_checkpoint(src, variant=variant),
+    checkpoint = open_any(src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+    given = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix, "keep_dtype": keep_dtype}
+    given.update(dequantize=dequantize, experts=experts, tie=tie, untie=untie)
+    transformed, notes = _transform(checkpoint, dtype, transforms, config, given)
+    plan = plan_split(transformed.checkpoint, parse_size(max_shard_size), format, transformed.dtypes)
+    return write(
+        checkpoint,
+        plan,
         dst,
-        max_shard_size=max_shard_size,
-        format=format,
-        dtype=dtype,
         overwrite=overwrite,
         verify=verify,
         dry_run=dry_run,
         progress=progress,
-        select=select,
-        drop=drop,
-        rename=rename,
-        strip_prefix=strip_prefix,
-        keep_dtype=keep_dtype,
-        dequantize=dequantize,
-        experts=experts,
-        tie=tie,
-        untie=untie,
+        transformed=transformed,
+        notes=notes,
     )
 
 
 def convert(
-    src,
-    dst,
+    src: Source,
+    dst: str | os.PathLike[str],
     *,
     max_shard_size: int | str | None = None,
-    format: str = "safetensors",
+    format: OutputFormat = "safetensors",
     dtype: str | None = None,
     overwrite: bool = False,
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
-    select=(),
-    drop=(),
-    rename=(),
-    strip_prefix=(),
-    keep_dtype=(),
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    rename: Sequence[str] = (),
+    strip_prefix: Sequence[str] = (),
+    keep_dtype: Sequence[str] = (),
     dequantize: str | None = None,
     experts: ExpertLayout | None = None,
     tie: bool = False,
     untie: bool = False,
+    transforms: Transforms | None = None,
+    config: dict | None = None,
     variant: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    repo_type: str = "model",
+    token: str | bool | None = None,
 ) -> WriteSummary:
-    """Convert the checkpoint at ``src`` (typically ``.bin``) to ``format`` in ``dst`` (see :func:`run_convert`)."""
-    return run_convert(
-        open_checkpoint(src, variant=variant),
-        dst,
-        max_shard_size=max_shard_size,
-        format=format,
-        dtype=dtype,
-        overwrite=overwrite,
-        verify=verify,
-        dry_run=dry_run,
-        progress=progress,
-        select=select,
-        drop=drop,
-        rename=rename,
-        strip_prefix=strip_prefix,
-        keep_dtype=keep_dtype,
-        dequantize=dequantize,
-        experts=experts,
-        tie=tie,
-        untie=untie,
-    )
+    """Rewrite ``src`` (typically ``.bin`` files) in ``format`` keeping its file layout: each source file becomes
+    one output file. With ``max_shard_size`` it is repacked instead, exactly as :func:`split` does.
 
-
-def run_split(
-    checkpoint: Checkpoint,
-    dst,
-    *,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    format: str = "safetensors",
-    dtype: str | None = None,
-    transforms: Transforms | None = None,
-    config: dict | None = None,
-    **options,
-) -> WriteSummary:
-    """Repack ``checkpoint`` into ``dst`` the way huggingface_hub shards (next-fit in key order).
-
-    ``dtype`` casts floating tensors (``bf16``, ``fp16``, ``fp32``…, or ``auto`` from config.json).
-    ``transforms`` (or their keyword arguments, see :func:`split`) map names and layouts first; ``config`` is the
-    parsed config.json (default: the one beside the checkpoint). ``options``: ``overwrite``, ``verify``,
-    ``dry_run``, ``progress`` (see :func:`write`).
+    ``src`` and every other argument are as for :func:`split`. A DCP checkpoint has no layout worth keeping (its
+    tensors span the ranks' files): it is repacked into shards of :data:`DEFAULT_MAX_SHARD_SIZE`.
     """
-    transformed, casts, options, notes = _transform(checkpoint, dtype, transforms, config, options)
-    plan = plan_split(transformed.checkpoint, parse_size(max_shard_size), format, casts)
-    return write(checkpoint, plan, dst, transformed=transformed, notes=notes, **options)
-
-
-def run_convert(
-    checkpoint: Checkpoint,
-    dst,
-    *,
-    max_shard_size: int | str | None = None,
-    format: str = "safetensors",
-    dtype: str | None = None,
-    transforms: Transforms | None = None,
-    config: dict | None = None,
-    **options,
-) -> WriteSummary:
-    """Rewrite ``checkpoint`` in ``format`` keeping its file layout, or repacked when ``max_shard_size`` is given.
-
-    A DCP checkpoint has no layout worth keeping (its tensors span the ranks' files): it is repacked into shards
-    of :data:`DEFAULT_MAX_SHARD_SIZE`.
-    """
+    options = dict(overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
+    given = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix, "keep_dtype": keep_dtype}
+    given.update(dequantize=dequantize, experts=experts, tie=tie, untie=untie)
+    checkpoint = open_any(src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
     if max_shard_size is None and checkpoint.format == "dcp":
         max_shard_size = DEFAULT_MAX_SHARD_SIZE
     if max_shard_size is not None:
-        return run_split(
+        return split(
             checkpoint,
             dst,
             max_shard_size=max_shard_size,
@@ -201,20 +172,60 @@ def run_convert(
             dtype=dtype,
             transforms=transforms,
             config=config,
+            **given,
             **options,
         )
-    transformed, casts, options, notes = _transform(checkpoint, dtype, transforms, config, options)
-    plan = plan_convert(transformed.checkpoint, format, casts)
+    transformed, notes = _transform(checkpoint, dtype, transforms, config, given)
+    plan = plan_convert(transformed.checkpoint, format, transformed.dtypes)
     return write(checkpoint, plan, dst, transformed=transformed, notes=notes, **options)
 
 
-_TRANSFORM_KEYS = ("select", "drop", "rename", "strip_prefix", "keep_dtype", "dequantize", "experts", "tie", "untie")
+def open_any(
+    src: Source,
+    *,
+    variant: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    repo_type: str = "model",
+    token: str | bool | None = None,
+) -> Checkpoint:
+    """``src`` as a :class:`Checkpoint`: itself when it is one, the table of a local path when that exists, else the
+    table of a Hub repo's checkpoint downloaded into the Hugging Face cache (only its checkpoint files)."""
+    if isinstance(src, Checkpoint):
+        return src
+    path = os.fspath(src)
+    if not os.path.exists(path):
+        from ..hub.remote import looks_like_repo_id
+
+        if looks_like_repo_id(path):
+            from ..hub.download import download_checkpoint
+
+            path = str(
+                download_checkpoint(
+                    path, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
+                )
+            )
+            return open_checkpoint(path, variant=variant)
+    if subfolder:
+        path = os.path.join(path, subfolder)
+    return open_checkpoint(path, variant=variant, revision=revision or "main")
 
 
-def _transform(checkpoint: Checkpoint, dtype, transforms, config, options: dict):
-    """The transformed table, the casts for the planner, the remaining write options, and notes on what was chosen
-    for the user (a DCP training state dict's model group, when no option picks names)."""
-    given = {key: options.pop(key) for key in _TRANSFORM_KEYS if key in options}
+def run_split(checkpoint: Checkpoint, dst, **options) -> WriteSummary:
+    """Deprecated alias of :func:`split`, which takes an open :class:`Checkpoint` too."""
+    warnings.warn("shardkit.run_split is deprecated: call shardkit.split, which takes a Checkpoint", DeprecationWarning, 2)
+    return split(checkpoint, dst, **options)
+
+
+def run_convert(checkpoint: Checkpoint, dst, **options) -> WriteSummary:
+    """Deprecated alias of :func:`convert`, which takes an open :class:`Checkpoint` too."""
+    warnings.warn("shardkit.run_convert is deprecated: call shardkit.convert, which takes a Checkpoint", DeprecationWarning, 2)
+    return convert(checkpoint, dst, **options)
+
+
+def _transform(checkpoint: Checkpoint, dtype: str | None, transforms: Transforms | None, config: dict | None, given: dict):
+    """The transformed table (its ``dtypes`` are the planner's casts) and notes on what was chosen for the user
+    (a DCP training state dict's model group, when no option picks names)."""
     if transforms is None:
         transforms = Transforms.of(**given)
     elif any(given.values()):
@@ -227,8 +238,7 @@ def _transform(checkpoint: Checkpoint, dtype, transforms, config, options: dict)
         checkpoint, notes = _default_selection(checkpoint)
     if config is None:
         config = read_config(checkpoint)
-    transformed = transform(checkpoint, transforms, config)
-    return transformed, transformed.dtypes, options, notes
+    return transform(checkpoint, transforms, config), notes
 
 
 def write(
