@@ -39,7 +39,27 @@ TEST_FILES = ("test_big_modeling.py", "test_modeling_utils.py", "test_offload.py
 
 #: Tests that pass with accelerate and fail with shardkit on purpose: ``"file::test"`` -> the reason.
 #: Keep this short; every entry is mirrored in the README's "What differs from accelerate" table.
-DELIBERATE: dict[str, str] = {}
+_RESERVE = (
+    "room for streaming is held only when something is offloaded, and then as two staging slabs of the largest "
+    "layer on the main device, not one layer on GPU 0 and the CPU always (match_accelerate=True gives accelerate's map)"
+)
+_HOST_AT_REST = (
+    "on a CPU execution device cpu_offload leaves weights in host memory (nothing to stream) instead of meta "
+    "tensors copied in for every forward"
+)
+DELIBERATE: dict[str, str] = {
+    "test_modeling_utils.py::test_infer_auto_device_map": _RESERVE,
+    "test_modeling_utils.py::test_infer_auto_device_map_with_tied_weights": _RESERVE,
+    "test_modeling_utils.py::test_infer_auto_device_map_with_buffer_check": _RESERVE,
+    "test_modeling_utils.py::test_infer_auto_device_map_with_buffer_check_and_multi_devices": _RESERVE,
+    "test_modeling_utils.py::test_infer_auto_device_map_with_fallback_allocation": _RESERVE,
+    "test_modeling_utils.py::test_infer_auto_device_map_with_fallback_allocation_and_buffers": _RESERVE,
+    "test_modeling_utils.py::test_infer_auto_device_map_with_fallback_allocation_partial_fit": _RESERVE,
+    "test_modeling_utils.py::test_load_checkpoint_in_model_all_disk_safetensors": (
+        "the disk tier reads the checkpoint's own safetensors file where it can, instead of writing a .dat copy of every weight"
+    ),
+    "test_modeling_utils.py::test_align_module_device_offloaded": _HOST_AT_REST,
+}
 
 # parameterized is a test-only dependency of accelerate's suite that a bare machine may lack; this stand-in
 # implements the one form the big-model tests use (``@parameterized.expand([(args,), ...])`` in a class body)

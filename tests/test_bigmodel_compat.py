@@ -307,3 +307,47 @@ def test_accelerates_other_parameters(tmp_path):
         load_checkpoint_in_model(model, tmp_path, full_state_dict=False)
     with pytest.raises(ValueError, match="broadcast_from_rank0"):
         load_checkpoint_and_dispatch(model, tmp_path, broadcast_from_rank0=True)
+
+
+def _three_linears():
+    from collections import OrderedDict
+
+    inner = nn.Sequential(OrderedDict([("a", nn.Linear(10, 4)), ("b", nn.Linear(4, 4)), ("c", nn.Linear(4, 8))]))
+    return nn.Sequential(OrderedDict([("module", inner)]))  # a 176, b 80, c 160 bytes
+
+
+def test_fallback_allocation_puts_something_on_a_device_that_would_stay_empty(caplog):
+    import logging
+
+    from shardkit.bigmodel import infer_auto_device_map
+
+    model = _three_linears()
+    with caplog.at_level(logging.INFO, logger="shardkit.bigmodel.devicemap"):
+        plain = infer_auto_device_map(model, max_memory={0: 256}, match_accelerate=True)
+    assert 0 not in plain.values() and "insufficient memory" in caplog.text and "- 0: 336 bytes required" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="shardkit.bigmodel.devicemap"):
+        fallback = infer_auto_device_map(model, max_memory={0: 256}, fallback_allocation=True, match_accelerate=True)
+    assert fallback == {"module.a": "disk", "module.b": 0, "module.c": "disk"}  # b fits beside one layer held back
+    assert "insufficient memory" not in caplog.text
+    # shardkit's own reserve (two staging slabs of the largest layer, 352 bytes) leaves no room at all on this GPU
+    assert infer_auto_device_map(model, max_memory={0: 256}, fallback_allocation=True) == {"module": "disk"}
+
+
+def test_buffers_of_offloaded_modules_that_do_not_fit_the_main_gpu_warn():
+    import warnings
+
+    from shardkit.bigmodel import infer_auto_device_map
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 5))
+    for i, module in enumerate(model):
+        module.register_buffer(f"extra{i}", torch.zeros(10, 2 if i == 0 else 3))
+    # batch norm's statistics and extra (160 bytes) and the last linear's extra (120) would live on GPU 0
+    with pytest.warns(UserWarning, match="Current model requires 280 bytes of buffer for offloaded layers"):
+        device_map = infer_auto_device_map(model, max_memory={0: 400, "cpu": "1GB"}, match_accelerate=True)
+    assert device_map == {"0": 0, "1": "cpu", "2": "cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        infer_auto_device_map(model, max_memory={0: 400, "cpu": "1GB"}, match_accelerate=True, offload_buffers=True)
+        infer_auto_device_map(model, max_memory={0: 4000, "cpu": "1GB"})  # everything fits: nothing offloaded
+        infer_auto_device_map(model, max_memory={"cpu": 300})  # a CPU main device keeps buffers in host memory

@@ -6,11 +6,14 @@ covers its whole subtree (``""`` is the whole model) and the map must cover ever
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 from ..errors import UsageError
 from . import placement
 from .measure import compute_module_sizes, expert_modules, find_tied_parameters, module_tree
+
+logger = logging.getLogger(__name__)
 
 DEVICE_MAP_STRINGS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -66,6 +69,7 @@ def infer_auto_device_map(
     verbose: bool = False,
     clean_result: bool = True,
     offload_buffers: bool = False,
+    fallback_allocation: bool = False,
     *,
     match_accelerate: bool = False,
     experts_offload: bool = False,
@@ -76,7 +80,11 @@ def infer_auto_device_map(
     something is offloaded, and it is the dispatcher's real need (two staging slabs on the main device, two read
     buffers on the CPU when the disk is used) rather than one layer always; a ``dtype`` that grows tensors (fp16
     loaded as fp32) is counted at its real size. ``match_accelerate=True`` gives accelerate's map exactly.
-    ``offload_buffers`` is accepted for compatibility (buffers are always counted with their module).
+    Buffers are always counted with their module; without ``offload_buffers``, a warning says when the buffers
+    of offloaded modules (which then live on the main device) do not fit beside what the map puts on any GPU, as
+    accelerate's does. ``fallback_allocation=True`` is accelerate's: a GPU (or the CPU) that would get nothing
+    gets the first module, breadth first, that fits beside the held-back room. Devices left empty are logged
+    (INFO, with the least each would have needed).
 
     ``experts_offload=True`` (mixture-of-experts models) keeps everything but the routed experts on the main
     device and offloads experts first, whole layers' experts at a time (see :func:`placement.plan_experts`).
@@ -87,16 +95,54 @@ def infer_auto_device_map(
         if not experts:
             raise UsageError(f"experts_offload: {type(model).__name__} has no experts modules (3-D gate_up_proj/up_proj weights)")
         return placement.plan_experts(module_tree(model), sizes, get_max_memory(max_memory), list(experts))
-    return placement.plan(
+    limits = get_max_memory(max_memory)
+    empty: dict = {}
+    device_map = placement.plan(
         module_tree(model),
         sizes,
-        get_max_memory(max_memory),
+        limits,
         _no_split(no_split_module_classes),
         find_tied_parameters(model),
         match_accelerate=match_accelerate,
         clean=clean_result,
         verbose=verbose,
+        fallback=fallback_allocation,
+        report=empty,
     )
+    if not offload_buffers:
+        reserve = 1 if match_accelerate else placement.STAGING_SLOTS
+        _warn_offloaded_buffers(model, device_map, sizes, limits, dtype, special_dtypes, reserve)
+    if empty:
+        logger.info(
+            "Based on the current allocation process, no modules could be assigned to the following devices due to "
+            "insufficient memory:\n%s\nConsider increasing the memory these devices may use to at least that, or "
+            "passing fallback_allocation=True.",
+            "\n".join(f"  - {device}: {size} bytes required" for device, size in empty.items()),
+        )
+    return device_map
+
+
+def _warn_offloaded_buffers(model, device_map: dict, sizes: dict, limits: dict, dtype, special_dtypes, reserve: int) -> None:
+    """accelerate's warning: the buffers of CPU/disk modules live on the main GPU at run time; say so when they do
+    not fit there beside the map's modules and the room held for streaming (``reserve`` largest layers)."""
+    main = main_device(device_map)
+    offloaded = [k for k, d in device_map.items() if d in ("cpu", "disk")]
+    if main.type != "cuda" or not offloaded:
+        return  # on a CPU main device the buffers stay in host memory
+    buffers = compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes, buffers_only=True)
+    needed = sum(buffers.get(k, 0) for k in offloaded)
+    gpu = main.index or 0
+    if needed == 0 or gpu not in limits:
+        return
+    used = sum(sizes.get(k, 0) for k, d in device_map.items() if torch_device(d) == main)
+    used += reserve * placement.max_layer_size(list(module_tree(model).children), sizes, set())[0]
+    if limits[gpu] < needed + used:
+        warnings.warn(
+            f"Current model requires {needed} bytes of buffer for offloaded layers, which seems does not fit any "
+            "GPU's remaining memory. If you are experiencing a OOM later, please consider using offload_buffers=True.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def resolve_device_map(

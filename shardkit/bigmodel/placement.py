@@ -98,8 +98,15 @@ def greedy(
     tied: list[list[str]],
     reserve: dict,
     verbose: bool = False,
+    fallback: bool = False,
+    report: dict | None = None,
 ) -> dict:
-    """One greedy pass. ``reserve[device] = k`` holds back ``k`` times the largest remaining layer on ``device``."""
+    """One greedy pass. ``reserve[device] = k`` holds back ``k`` times the largest remaining layer on ``device``.
+
+    ``fallback`` is accelerate's ``fallback_allocation``: before leaving a GPU or the CPU with nothing on it, put
+    there the first module (breadth first, splitting where allowed) that fits beside the held-back room.
+    ``report`` receives ``{device: bytes}``, the least each device left empty would have needed.
+    """
     devices = list(max_memory) + ([] if "disk" in max_memory else ["disk"])
     queue = list(root.children)
     device_map: dict = {}
@@ -153,12 +160,56 @@ def greedy(
                 queue = node.children + queue
                 biggest, biggest_names = max_layer_size(queue, sizes, no_split)
                 continue
+        if fallback and used[device] == 0 and limit is not None:
+            found = _fallback(queue, sizes, max_memory[device] - max(held, with_ties), no_split, tied)
+            if found is not None:
+                queue = [found[0], node] + found[1]
+                continue
+        if used[device] == 0 and limit is not None and report is not None:
+            report[device] = with_ties + held
         if verbose:
             print(f"{device} is full ({used[device]} used, {held} held back); moving on")
         used[device] += held
         current += 1
         queue.insert(0, node)
     return device_map
+
+
+def _size_with_ties(node: Node, sizes: dict[str, int], tied: list[list[str]], queue: list[Node]) -> int:
+    """``node``'s size plus that of the queued modules holding parameters tied to one of its own."""
+    total, owners = sizes.get(node.name, 0), []
+    for group in tied:
+        if any(_inside(node.name, p) for p in group) and not all(_inside(node.name, p) for p in group):
+            for param in (p for p in group if not _inside(node.name, p)):
+                owner = next((n for n in queue if _inside(n.name, param)), None)
+                if owner is not None and owner is not node and owner not in owners:
+                    owners.append(owner)
+                    total += sizes.get(owner.name, 0) - sizes.get(param, 0)
+    return total
+
+
+def _fallback(queue: list[Node], sizes, room: int, no_split: set[str], tied) -> tuple[Node, list[Node]] | None:
+    """The first node, breadth first through ``queue`` (splitting modules that may be split), whose size with its
+    ties fits ``room``, and the queue without it (its queued ancestors replaced by their children); or None."""
+    search = list(queue)
+    found = None
+    while search:
+        node = search.pop(0)
+        if _size_with_ties(node, sizes, tied, search) <= room:
+            found = node
+            break
+        if node.is_module and any(c.is_module for c in node.children) and node.cls not in no_split:
+            search = search + node.children
+    if found is None:
+        return None
+    rest = list(queue)
+    parts = found.name.split(".")
+    for depth in range(1, len(parts)):
+        parent = ".".join(parts[:depth])
+        at = next((i for i, n in enumerate(rest) if n.name == parent), None)
+        if at is not None:
+            rest[at : at + 1] = rest[at].children
+    return found, [n for n in rest if n is not found]
 
 
 def plan(
@@ -171,6 +222,8 @@ def plan(
     match_accelerate: bool = False,
     clean: bool = True,
     verbose: bool = False,
+    fallback: bool = False,
+    report: dict | None = None,
 ) -> dict:
     """A device map for ``root`` within ``max_memory`` (normalized, see :func:`normalize_max_memory`).
 
@@ -182,7 +235,7 @@ def plan(
     nothing but staging room is dropped, and the next one becomes the main device.
 
     ``match_accelerate=True`` reproduces accelerate exactly: one largest layer held back on the first GPU and the
-    CPU, always.
+    CPU, always. ``fallback`` and ``report``: see :func:`greedy` (``report`` describes the final pass).
     """
     gpus = [d for d in max_memory if d not in ("cpu", "disk")]
     main = gpus[0] if gpus else "cpu"
@@ -190,7 +243,9 @@ def plan(
     position = {name: i for i, name in enumerate(_preorder(root))}
 
     def run(reserve):
-        result = greedy(root, sizes, max_memory, no_split, tied, reserve, verbose)
+        if report is not None:
+            report.clear()
+        result = greedy(root, sizes, max_memory, no_split, tied, reserve, verbose, fallback, report)
         result = clean_device_map(result) if clean else result
         return {k: result[k] for k in sorted(result, key=lambda k: position.get(k, len(position)))}
 
@@ -207,7 +262,11 @@ def plan(
         # The staging room was all the first GPU could hold, but offloaded blocks run on the first GPU the map
         # uses: plan again without this one, so the room is held where the slabs will be.
         rest = {device: limit for device, limit in max_memory.items() if device != main}
-        return plan(root, sizes, rest, no_split, tied, clean=clean, verbose=verbose)
+        needed = STAGING_SLOTS * max_layer_size(list(root.children), sizes, no_split)[0]
+        device_map = plan(root, sizes, rest, no_split, tied, clean=clean, verbose=verbose, fallback=fallback, report=report)
+        if report is not None:
+            report[main] = needed
+        return device_map
     return device_map
 
 
