@@ -43,7 +43,7 @@ def convert_command(
     and the new index lists the new files. Shared tensors keep one copy; the dropped names are recorded in the
     metadata the way huggingface_hub does. --format bin converts back. SRC may be a Hub repo id (org/name).
     """
-    from ..write import run_convert
+    from ..write import convert
 
     _quiet_library_warnings()
     checkpoint = source_checkpoint(
@@ -56,7 +56,7 @@ def convert_command(
         quiet=quiet,
         dry_run=dry_run,
     )
-    summary = run_convert(
+    summary = convert(
         checkpoint,
         dst,
         max_shard_size=max_shard_size,

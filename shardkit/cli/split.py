@@ -128,7 +128,7 @@ def split_command(
     files are downloaded, into the Hugging Face cache). Contiguous tensors are copied as byte ranges (torch is
     never imported unless --dtype or a non-contiguous/legacy source needs it). DST appears atomically.
     """
-    from ..write import run_split
+    from ..write import split
 
     _quiet_library_warnings()
     checkpoint = source_checkpoint(
@@ -141,7 +141,7 @@ def split_command(
         quiet=quiet,
         dry_run=dry_run,
     )
-    summary = run_split(
+    summary = split(
         checkpoint,
         dst,
         max_shard_size=max_shard_size,
