@@ -11,8 +11,9 @@ peak host RSS is its own), every case with the experts of all layers offloaded a
 - ``accelerate``: accelerate's ``load_checkpoint_and_dispatch`` with the same map;
 - ``disk-dense`` / ``disk-routed``: experts on the disk tier, the checkpoint's pages evicted before the run.
 
-Each case measures greedy decode (batch 1, a 32-token prompt: tokens/s over the new tokens after the first) and
-the time of one 1x512-token prefill, and records the generated tokens: every case must give the GPU's tokens.
+Each case measures greedy decode (batch 1, a 32-token prompt, after a short warm-up generation: the median time of
+a decode step, timed at every step) and the time of one 1x512-token prefill, and records the generated tokens:
+every case must give the GPU's tokens.
 
     python scripts/bench_moe.py [--layers 12] [--workdir DIR] [--new-tokens 24] [--cases gpu,dense,...]
 
@@ -35,7 +36,7 @@ HIDDEN, EXPERTS, TOP_K, EXPERT_INTERMEDIATE, VOCAB = 2048, 128, 8, 768, 32000
 PROMPT, PREFILL = 32, 512
 CASES = ["gpu", "dense", "routed", "routed-cache", "accelerate", "disk-dense", "disk-routed"]
 #: Fewer new tokens where each one costs the whole experts' bytes (seconds per token).
-SLOW_TOKENS = {"accelerate": 3, "dense": 8, "disk-dense": 3}
+SLOW_TOKENS = {"accelerate": 4, "dense": 8, "disk-dense": 4}
 
 
 def config(layers: int):
@@ -108,8 +109,23 @@ def _load(args, case: str):
     return model, time.perf_counter() - start
 
 
+class _StepClock:
+    """A stopping criterion that never stops: it timestamps every generation step (after a device sync)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def worker_case(args) -> dict:
     import torch
+    from transformers import StoppingCriteriaList
 
     case = args.case
     model, load_seconds = _load(args, case)
@@ -117,35 +133,33 @@ def worker_case(args) -> dict:
     long = torch.randint(0, VOCAB, (1, PREFILL), generator=torch.Generator().manual_seed(8)).cuda()
     new = SLOW_TOKENS.get(case, args.new_tokens)
     with torch.inference_mode():
+        model.generate(prompt[:, :4], max_new_tokens=2, do_sample=False)  # warm-up: kernels, allocator, slabs
         if case.startswith("disk"):
             drop_page_cache(args.checkpoint)  # decode from cold pages
+        clock = _StepClock()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        first = model.generate(prompt, max_new_tokens=1, do_sample=False)
-        torch.cuda.synchronize()
-        one = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens = model.generate(prompt, max_new_tokens=new, do_sample=False)
-        torch.cuda.synchronize()
-        many = time.perf_counter() - start
+        tokens = model.generate(prompt, max_new_tokens=new, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+        steps = [b - a for a, b in zip([start, *clock.times], clock.times)]  # steps[0] is the prompt's prefill
         prefill = []
         for _ in range(2 if case not in SLOW_TOKENS else 1):
             torch.cuda.synchronize()
-            start = time.perf_counter()
+            begin = time.perf_counter()
             model(long)
             torch.cuda.synchronize()
-            prefill.append(time.perf_counter() - start)
+            prefill.append(time.perf_counter() - begin)
+    decode = sorted(steps[1:])
     streamer = getattr(model, "_shardkit_streamer", None)
     cache = getattr(streamer, "expert_cache", None)
     block = getattr(getattr(model.model.layers[0].mlp.experts, "_shardkit_hook", None), "block", None)
     return {
         "load_s": load_seconds,
         "new_tokens": new,
-        "decode_tok_s": (new - 1) / max(many - one, 1e-9),
-        "first_token_s": one,
+        "decode_tok_s": 1 / decode[len(decode) // 2],  # the median step
+        "decode_steps_s": steps[1:],
+        "prompt_s": steps[0],
         "prefill_512_s": min(prefill),
         "tokens": tokens[0, PROMPT:].tolist(),
-        "first": first[0, PROMPT:].tolist(),
         "cache": cache.stats() if cache is not None else None,
         "layer0": dict(block.experts.stats) if block is not None and block.experts is not None else None,
         "peak_rss": peak_rss(),
@@ -176,7 +190,9 @@ def render(results: dict) -> str:
             continue
         rate = r["decode_tok_s"]
         base = disk_dense if case.startswith("disk") else dense
-        same = r["tokens"] == gpu.get("tokens", [])[: len(r["tokens"])] if gpu else None
+        reference = gpu.get("tokens", [])
+        shared = min(len(reference), len(r["tokens"]))
+        same = r["tokens"][:shared] == reference[:shared] if gpu else None
         rows.append(
             f"{case:<14} {rate:>12.2f} {rate / gpu['decode_tok_s'] if gpu else float('nan'):>7.2f} "
             f"{rate / base if base else float('nan'):>8.2f} {rate / accel if accel else float('nan'):>8.1f} "

@@ -76,9 +76,11 @@ def test_routed_experts_bitwise_on_gpu(saved, on_gpu, tmp_path, tier, cache):
         x = torch.randint(0, 256, shape, generator=generator).cuda()
         assert torch.equal(logits(model, x), logits(on_gpu, x)), shape
     stats = block.experts.stats
-    assert stats["routed"] >= 3 and stats["dense"] == 1, stats
     if cache:
-        assert model._shardkit_streamer.expert_cache.stats()["hits"] > 0
+        # the cache holds every expert after the first forwards: even the prefill's misses stay few, so routed
+        assert stats["routed"] == 4 and model._shardkit_streamer.expert_cache.stats()["hits"] > 0, stats
+    else:
+        assert stats["routed"] == 3 and stats["dense"] == 1, stats
 
 
 def test_generate_same_tokens_with_routed_experts(saved, on_gpu):
