@@ -417,3 +417,62 @@ def test_multi_commit_only_beyond_a_commits_limits(in_process, tmp_path, old_rep
     with pytest.raises(publish.PushError) as error:
         publish.plan_push(layout(tmp_path / "newer", "35KB", seed=2), REPO, token="hf_write")
     assert error.value.code == "push-too-large"
+
+
+def test_a_branch_that_moves_during_the_push_is_not_overwritten(in_process, tmp_path, old_repo, monkeypatch):
+    """The commit names the head the plan was made against: someone else's commit in between makes it fail."""
+    from shardkit.hub import publish
+
+    hub = in_process
+    plan_commits = publish.split_commits
+
+    def meanwhile(plan):
+        hub.seed(REPO, {"model-00009-of-00009.safetensors": b"\0" * 2000})  # another writer
+        return plan_commits(plan)
+
+    monkeypatch.setattr(publish, "split_commits", meanwhile)
+    moved = None
+    with pytest.raises(publish.PushError) as error:
+        moved = hub.head(REPO)
+        publish.push(layout(tmp_path / "new", "35KB", seed=1), REPO, token="hf_write")
+    assert error.value.code == "push-conflict" and "rerun" in str(error.value)
+    assert hub.head(REPO) != moved and not hub.commits  # only the other writer's commit
+    assert "model-00009-of-00009.safetensors" in hub.files(REPO)
+
+
+def test_push_streams_a_large_shard_in_bounded_memory(in_process, tmp_path):
+    """Peak RSS of a push of a 256 MiB shard stays far below the shard (hashing: two 8 MiB buffers per thread)."""
+    import struct
+    import subprocess
+
+    hub = in_process
+    folder = tmp_path / "big"
+    folder.mkdir()
+    size = 256 * 2**20
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(folder / "model.safetensors", "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        block = os.urandom(2**20)
+        for _ in range(size // 2**20):
+            handle.write(block)
+    code = (
+        "import resource, sys\n"
+        "from shardkit.hub.publish import push\n"
+        f"push({str(folder)!r}, 'user/big', token='hf_write', create=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    base = (
+        "import resource, shardkit.hub.publish, shardkit.validation, huggingface_hub.hf_api\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", c], env=env(hub, tmp_path), capture_output=True, text=True, cwd=ROOT)
+        for c in (base, code)
+    ]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+    floor, peak = (int(done.stdout.split()[-1]) for done in runs)
+    assert hub.files("user/big")["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    print(f"push peak RSS {peak / 2**20:.0f} MiB, imports alone {floor / 2**20:.0f} MiB")
+    assert peak - floor < 96 * 2**20, (floor, peak)  # well under the 256 MiB shard
