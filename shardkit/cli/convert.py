@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .push import split_push_options
 from .split import _quiet_library_warnings, finish, source_checkpoint, write_options
 
 
@@ -28,13 +29,6 @@ def convert_command(
     dry_run,
     as_json,
     quiet,
-    push_to,
-    create_pr,
-    commit_message,
-    delete_bin,
-    create,
-    private,
-    force,
     **transforms,
 ) -> None:
     """Convert the checkpoint at SRC (.bin, single or sharded) to safetensors in the folder DST.
@@ -46,6 +40,7 @@ def convert_command(
     from ..write import convert
 
     _quiet_library_warnings()
+    push = split_push_options(transforms)
     checkpoint = source_checkpoint(
         src,
         revision=revision,
@@ -68,5 +63,4 @@ def convert_command(
         progress=not quiet and not as_json,
         **transforms,
     )
-    push = dict(create_pr=create_pr, commit_message=commit_message, delete_bin=delete_bin, create=create, private=private)
-    finish(summary, as_json, push_to, token=token, quiet=quiet, force=force, **push)
+    finish(summary, as_json, token=token, quiet=quiet, **push)

@@ -27,6 +27,15 @@ def push_options(command):
     return command
 
 
+#: The parameter names :func:`push_options` and ``--push-to`` add to a command.
+PUSH_PARAMETERS = ("push_to", "create_pr", "commit_message", "delete_bin", "create", "private", "force")
+
+
+def split_push_options(options: dict) -> dict:
+    """Remove the push parameters from a command's ``options`` (the rest go to the writer); return them."""
+    return {name: options.pop(name) for name in PUSH_PARAMETERS if name in options}
+
+
 @click.command("push")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.argument("repo_id")

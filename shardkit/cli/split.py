@@ -7,7 +7,7 @@ import click
 from ..units import format_size
 from ..write import DEFAULT_MAX_SHARD_SIZE, WriteSummary
 from . import emit_json, hub_options
-from .push import push_options
+from .push import push_options, split_push_options
 
 
 def write_options(command):
@@ -113,13 +113,6 @@ def split_command(
     dry_run,
     as_json,
     quiet,
-    push_to,
-    create_pr,
-    commit_message,
-    delete_bin,
-    create,
-    private,
-    force,
     **transforms,
 ) -> None:
     """Reshard the checkpoint at SRC into the folder DST, packed like huggingface_hub in key order.
@@ -131,6 +124,7 @@ def split_command(
     from ..write import split
 
     _quiet_library_warnings()
+    push = split_push_options(transforms)
     checkpoint = source_checkpoint(
         src,
         revision=revision,
@@ -153,11 +147,10 @@ def split_command(
         progress=not quiet and not as_json,
         **transforms,
     )
-    push = dict(create_pr=create_pr, commit_message=commit_message, delete_bin=delete_bin, create=create, private=private)
-    finish(summary, as_json, push_to, token=token, quiet=quiet, force=force, **push)
+    finish(summary, as_json, token=token, quiet=quiet, **push)
 
 
-def finish(summary: WriteSummary, as_json: bool, push_to: str | None, *, token, quiet: bool, **push) -> None:
+def finish(summary: WriteSummary, as_json: bool, *, token, quiet: bool, push_to: str | None, **push) -> None:
     """Report what was written, then push it when ``--push-to`` asks (one JSON document with both under --json)."""
     if not push_to or summary.dry_run:
         report(summary, as_json)

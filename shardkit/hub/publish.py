@@ -345,45 +345,28 @@ def push(
     folder: str | os.PathLike,
     repo_id: str,
     *,
-    revision: str | None = None,
-    repo_type: str = "model",
     token: str | None = None,
-    path_in_repo: str = "",
-    create: bool = False,
     private: bool | None = None,
-    create_pr: bool = False,
-    delete_bin: bool = False,
     commit_message: str | None = None,
     commit_description: str | None = None,
-    force: bool = False,
     dry_run: bool = False,
-    progress: bool = False,
+    **plan_options,
 ) -> PushResult:
     """Publish the checkpoint in ``folder`` to ``repo_id`` (see the module doc); the :class:`PushResult`.
 
-    ``dry_run`` stops after :func:`plan_push`. Otherwise a token is required (``token``, else huggingface_hub's:
-    ``HF_TOKEN`` or the saved login), ``create`` creates a missing repo (``private`` applies to it), and
-    ``create_pr`` opens a pull request (``refs/pr/N``) against ``revision`` instead of committing to it.
-    Errors are :class:`~shardkit.errors.ShardkitError` s with codes from the catalogue (``push-*``, ``repo-*``); after any of them
-    the repo is as it was (for a multi-commit push, the message says which batches landed).
+    ``plan_options`` are :func:`plan_push`'s (``revision``, ``repo_type``, ``path_in_repo``, ``create``,
+    ``create_pr``, ``delete_bin``, ``force``, ``progress``). ``dry_run`` stops after the plan. Otherwise a token
+    is required (``token``, else huggingface_hub's: ``HF_TOKEN`` or the saved login); ``create`` creates a
+    missing repo (``private`` applies to it); ``create_pr`` opens a pull request (``refs/pr/N``) against
+    ``revision`` instead of committing to it. Errors are :class:`~shardkit.errors.ShardkitError` s with codes
+    from the catalogue (``push-*``, ``repo-*``); after any of them the repo is as it was (for a multi-commit
+    push, the message says which batches landed).
     """
     if not dry_run:
         token = _require_token(token)
     api = _api(token)
-    plan = plan_push(
-        folder,
-        repo_id,
-        revision=revision,
-        repo_type=repo_type,
-        token=token,
-        path_in_repo=path_in_repo,
-        create=create,
-        create_pr=create_pr,
-        delete_bin=delete_bin,
-        force=force,
-        progress=progress,
-        api=api,
-    )
+    plan = plan_push(folder, repo_id, token=token, api=api, **plan_options)
+    repo_type, create_pr, progress = plan.repo_type, plan.create_pr, plan_options.get("progress", False)
     result = PushResult(plan, dry_run=dry_run)
     if dry_run:
         return result
