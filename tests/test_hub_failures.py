@@ -266,6 +266,7 @@ def test_bin_on_a_server_that_ignores_range_goes_over_the_wire_once(hub, tmp_pat
     assert report.bytes_downloaded == size  # the first answer is the whole file: read on, never asked again
     assert len(_cdn_gets(hub)) == 1
     assert hub.sent <= size + 256 * 1024
+    assert "the server ignored Range" in CliRunner().invoke(main, ["validate", "org/bin"]).output
 
 
 def test_bin_on_a_server_that_honours_range_reads_little(hub, tmp_path):
@@ -326,6 +327,8 @@ def test_a_cached_repo_resolves_without_the_hub(hub, tmp_path, monkeypatch, cach
     before = len(hub.requests)
     report = validate("org/cached")
     assert report.findings == [] and report.from_cache == str(_cache(tmp_path, "org/cached") / "snapshots" / SHA)
+    result = CliRunner().invoke(main, ["validate", "org/cached"])
+    assert result.exit_code == 0 and f"read from the local cache {report.from_cache}" in result.output
     assert shardkit.download_checkpoint("org/cached") == Path(report.from_cache)
     result = CliRunner().invoke(main, ["inspect", "org/cached", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["tensors"] == 6, result.output

@@ -89,6 +89,10 @@ def render(report) -> str:
     scope = f"{report.files_checked} files, {report.tensors_checked} tensors"
     if report.bytes_downloaded:
         scope += f", {format_size(report.bytes_downloaded)} downloaded"
+    if report.server_ignored_range:
+        scope += " (the server ignored Range: whole files, each streamed at most once)"
+    if report.from_cache:
+        scope += f", read from the local cache {report.from_cache} (HF_HUB_OFFLINE, or the Hub unreachable)"
     if report.checksums_written:
         scope += f", checksums written to {report.checksums_written}"
     if report.checksums_matched is not None:
