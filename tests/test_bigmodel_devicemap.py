@@ -24,6 +24,7 @@ from shardkit import (
 from shardkit.bigmodel import placement
 from shardkit.bigmodel.devicemap import resolve_device_map
 from shardkit.bigmodel.measure import module_tree
+from shardkit.bigmodel.readahead import disk_ring
 
 KINDS = ["llama", "opt", "gpt2", "bert", "t5"]
 
@@ -128,7 +129,14 @@ def test_offloading_reserves_the_dispatchers_two_staging_slabs():
         ours = infer_auto_device_map(model, max_memory, model._no_split_modules)
         if set(ours.values()) == {0}:
             continue
-        assert ours == placement.clean_device_map(placement.greedy(tree, sizes, max_memory, no_split, tied, {0: 2}))
+        if 0 not in ours.values():  # room for nothing beside the slabs: the GPU is left out, the CPU runs the model
+            assert ours == {"": "cpu"}
+            continue
+        spanning = placement.spanning_modules(tree, no_split)
+        raw = placement.greedy(tree, sizes, max_memory, no_split, tied, {0: 2}, spanning=spanning)
+        offloaded = lambda device: device in ("cpu", "disk")  # noqa: E731
+        assert ours == placement.expand_offloaded(placement.clean_device_map(raw), tree, spanning, offloaded)
+        assert "model.layers" not in ours and "" not in ours  # offloaded entries stay one per streamed block
         on_gpu = sum(sizes[k] for k, d in ours.items() if d == 0)
         assert on_gpu == 0 or on_gpu + 2 * largest <= gpu  # nothing fits next to the two slabs: the GPU stays free for them
         theirs = accelerate_map(model, max_memory, model._no_split_modules)
@@ -136,15 +144,47 @@ def test_offloading_reserves_the_dispatchers_two_staging_slabs():
     assert checked_difference
 
 
-def test_disk_offload_with_a_gpu_also_reserves_the_cpu_read_buffers():
+def test_disk_offload_with_a_gpu_also_reserves_the_cpu_read_ring():
     model = build("llama", empty=True)
     sizes = compute_module_sizes(model)
     layer = sizes["model.layers.0"]
-    max_memory = {0: sizes["lm_head"] * 3, "cpu": 3 * layer}
+    max_memory = {0: sizes["model.embed_tokens"] + 3 * layer, "cpu": 2 * layer}
     device_map = infer_auto_device_map(model, max_memory, model._no_split_modules)
-    assert "disk" in device_map.values()
+    assert {0, "disk"} <= set(device_map.values())
     on_cpu = sum(sizes[k] for k, d in device_map.items() if d == "cpu")
-    assert on_cpu <= 3 * layer - 2 * max(layer, sizes["lm_head"])
+    largest_on_disk = max(sizes[k] for k, d in device_map.items() if d == "disk")
+    piece, count = disk_ring(largest_on_disk)
+    assert on_cpu <= 2 * layer - piece * count  # tiny blocks: the ring is two of them
+
+
+def test_a_cpu_run_holds_one_staging_block_not_two():
+    """Issue 11 item 4: with half the model's bytes as CPU budget and no GPU, blocks stay on the CPU (two held-back
+    blocks used to eat the budget: ``{'': 'disk'}``); the CPU runs disk blocks through one slab."""
+    model = build("llama", empty=True)
+    sizes = compute_module_sizes(model)
+    largest = max(sizes["model.layers.0"], sizes["lm_head"])
+    device_map = infer_auto_device_map(model, {"cpu": sizes[""] // 2}, model._no_split_modules)
+    assert device_map != {"": "disk"} and "cpu" in device_map.values()
+    on_cpu = sum(sizes[k] for k, d in device_map.items() if d == "cpu")
+    assert 0 < on_cpu <= sizes[""] // 2 - largest
+
+
+def test_a_cpu_budget_larger_than_the_disk_ring_keeps_blocks_on_the_cpu():
+    """With a GPU, disk blocks reach it through a fixed pinned ring (256 MiB), not two whole blocks: a CPU budget of
+    1.75 layers of 400 MB still holds a layer (two held-back layers of 800 MB used to push everything to disk)."""
+    layer, layers = 400 * 10**6, 10
+    root = placement.Node("", "Model", [placement.Node("layers", "ModuleList", [])])
+    sizes = {"": layer * layers, "layers": layer * layers}
+    for i in range(layers):
+        name = f"layers.{i}"
+        root.children[0].children.append(placement.Node(name, "Layer", [placement.Node(f"{name}.weight", None)]))
+        sizes[name] = sizes[f"{name}.weight"] = layer
+    device_map = placement.plan(root, sizes, {0: 3 * layer, "cpu": layer * 7 // 4}, {"Layer"}, [])
+    piece, count = disk_ring(layer)
+    assert piece * count == 256 * 2**20
+    assert list(device_map.values()).count("cpu") == 1 and "disk" in device_map.values()
+    assert list(device_map.values()).count(0) == 1  # and two staging slabs beside it on the GPU
+    assert placement.memory_needs(root, sizes, device_map, {"Layer"})["host"]["run"] == layer + 256 * 2**20
 
 
 def test_dtype_that_grows_tensors_is_counted_at_its_real_size():

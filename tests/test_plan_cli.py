@@ -63,7 +63,7 @@ def test_human_output(llama):
     assert result.exit_code == 0
     lines = result.output.splitlines()
     assert lines[0].split() == ["model.embed_tokens", "0", "16.38", "kB"]
-    assert lines[1].split()[:2] == ["model.layers", "disk"]
+    assert lines[1].split()[:2] == ["model.layers.0", "disk"]  # offloaded entries: one per streamed block
     assert "(16,384 bytes)" in result.output
 
 

@@ -300,6 +300,23 @@ def block_module(key: str, tensor: str, modules: dict) -> str:
     return name
 
 
+def streaming_map(model, device_map: dict, main) -> dict:
+    """``device_map`` as the dispatcher streams it: every offloaded entry (``"disk"``, and ``"cpu"`` when ``main``
+    is a GPU) that spans repeated layers becomes one entry per layer (or no-split module), whatever the map's
+    granularity, so ``{"": "disk"}`` holds one layer at a time, not the model (see
+    :func:`~shardkit.bigmodel.placement.expand_offloaded`)."""
+
+    def offloaded(device) -> bool:
+        device = torch_device(device)
+        return device == "disk" or (device.type == "cpu" and main.type != "cpu")
+
+    if not any(offloaded(d) for d in device_map.values()):
+        return device_map
+    root = module_tree(model)
+    spanning = placement.spanning_modules(root, _no_split(getattr(model, "_no_split_modules", None)))
+    return placement.expand_offloaded(device_map, root, spanning, offloaded)
+
+
 def main_device(device_map: dict | None):
     """Where offloaded blocks run: the first GPU the map uses, else the CPU (accelerate's choice)."""
     import torch

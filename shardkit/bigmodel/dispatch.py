@@ -19,6 +19,7 @@ from .devicemap import (
     present_max_memory,
     require_gpu,
     resolve_device_map,
+    streaming_map,
     torch_device,
 )
 from .devicemap import (
@@ -116,7 +117,8 @@ def dispatch_model(
     if store is None and offload_dir is not None and os.path.isfile(os.path.join(offload_dir, INDEX_NAME)):
         store = OffloadStore.open(offload_dir)
     modules = dict(model.named_modules())
-    groups = _group_by_block(model, device_map, modules, options.preload_module_classes)
+    blocks_map = streaming_map(model, device_map, options.main_device)
+    groups = _group_by_block(model, blocks_map, modules, options.preload_module_classes)
     blocks, store = _build_blocks(groups, modules, options, store, state_dict, getattr(model, "_shardkit_host", None) or {})
     offloaded = [b for b in blocks if b.tier != "resident"]
     if routed_experts:

@@ -5,13 +5,16 @@ weights available there. The :class:`Streamer` keeps a ring of two staging slabs
 offloaded block is one (pinned) host slab with the same layout, so staging it is one coalesced copy, issued on
 a side CUDA stream one block ahead of execution: the compute stream waits on the copy's event, the copy into a
 slab waits on the event of the compute that last read that slab. Nothing blocks the host per layer, nothing is
-copied back, no GPU memory is allocated or freed in the hot path. Disk blocks are read by a worker thread (large
-parallel reads) into one of two pinned host buffers and then copied the same way. On a CPU execution device the
-same code runs synchronously.
+copied back, no GPU memory is allocated or freed in the hot path. Disk blocks reach the GPU in pieces through a
+fixed pinned ring (:func:`~shardkit.bigmodel.readahead.disk_ring`, 256 MiB at most): reader threads fill ring
+pieces, each piece's copy into the slab is enqueued as soon as it is read, and a piece is refilled once its copy
+has run. On a CPU execution device the same code runs synchronously with one slab, which disk blocks are read
+straight into.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ import torch
 from ..errors import ShardkitError
 from . import slab
 from .experts import routed_forward
-from .readahead import PARALLEL_PIECE, PARALLEL_THREADS
+from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, disk_ring
 
 
 class OutOfMemoryError(ShardkitError, torch.OutOfMemoryError):
@@ -43,6 +46,7 @@ class Block:
     nbytes: int = 0
     host: object = None  # cpu tier: uint8 host slab
     runs: list = field(default_factory=list)  # disk tier: (file, file offset, slab offset, nbytes)
+    pieces: list = field(default_factory=list)  # disk tier run on a GPU: (slab offset, nbytes, reads) per ring piece
     rest: list = field(default_factory=list)  # tensors installed between forwards
     ties: list = field(default_factory=list)  # per place: a token shared by the places of one model tensor
     staged: list = field(default_factory=list)  # per ring slot: tensors installed during the forward
@@ -54,25 +58,27 @@ class Block:
 
 
 class Streamer:
-    """Stage offloaded blocks into a ring of two slabs on ``device``, prefetching the next block in execution order."""
+    """Stage offloaded blocks into a ring of slabs on ``device`` (two on a GPU, prefetching the next block in
+    execution order; one on the CPU, which has nothing to overlap)."""
 
     RING = 2
 
-    def __init__(self, device: torch.device, blocks: list[Block], store=None) -> None:
+    def __init__(self, device: torch.device, blocks: list[Block], store=None, ring: int | None = None) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.store = store
         self.blocks = blocks
+        self.ring = ring if ring is not None else self.RING if self.cuda else 1
         size = max((b.nbytes for b in blocks), default=0)
-        self.slabs = [slab.allocate(size, device) for _ in range(self.RING)]
-        self.owner: list[Block | None] = [None] * self.RING
-        self.busy = [False] * self.RING  # acquired and not yet released: its slab is being read by enqueued compute
-        self.pending: list = [None] * self.RING
+        self.slabs = [slab.allocate(size, device) for _ in range(self.ring)]
+        self.owner: list[Block | None] = [None] * self.ring
+        self.busy = [False] * self.ring  # acquired and not yet released: its slab is being read by enqueued compute
+        self.pending: list = [None] * self.ring
         # Until a forward shows the real order, blocks run in module order, and forwards repeat: after the last
         # block comes the first (so the next forward's first copies start while this one ends).
         self.next = {a: b for a, b in zip(blocks, blocks[1:] + blocks[:1]) if a is not b}
         self.last: Block | None = None
-        self.current = self.RING - 1
+        self.current = self.ring - 1
         self.expert_cache = None  # experts.ExpertCache, when routed experts are cached on the execution device
         for block in blocks:
             block.staged = [
@@ -84,13 +90,16 @@ class Streamer:
         )
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
-            self.ready = [torch.cuda.Event() for _ in range(self.RING)]
-            self.free = [torch.cuda.Event() for _ in range(self.RING)]
+            self.ready = [torch.cuda.Event() for _ in range(self.ring)]
+            self.free = [torch.cuda.Event() for _ in range(self.ring)]
             if disk:
-                largest = max(b.nbytes for b in disk)
-                self.host = [slab.allocate(largest, pin=True) for _ in range(self.RING)]
-                self.host_free = [torch.cuda.Event() for _ in range(self.RING)]
-                self.host_next = 0
+                piece, count = disk_ring(max(b.nbytes for b in disk))
+                ring = slab.allocate(piece * count, pin=True)  # one registration for the whole ring
+                self.pieces = [ring[i * piece : (i + 1) * piece] for i in range(count)]
+                self.piece_free = [torch.cuda.Event() for _ in range(count)]
+                self.piece_next = 0
+                for block in disk:
+                    block.pieces = split_pieces(block.runs, block.nbytes, piece)
                 self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardkit-stage")
 
     def acquire(self, block: Block) -> int:
@@ -100,7 +109,7 @@ class Streamer:
         self.last = block
         slot = next((i for i, b in enumerate(self.owner) if b is block), None)
         if slot is None:
-            slot = (self.current + 1) % self.RING  # keep the block staged last; overwrite the other slab
+            slot = (self.current + 1) % self.ring  # keep the block staged last; overwrite the other slab
             self._stage(block, slot)
         self._wait(slot)
         self.busy[slot] = True
@@ -121,7 +130,7 @@ class Streamer:
         overlap the resident blocks that run before the offloaded ones instead of waiting for them.
         """
         due, block = [], self.last
-        for _ in range(self.RING):
+        for _ in range(self.ring):
             block = self.next.get(block) if block is not None else None
             if block is None or block is self.last or block in due:
                 break
@@ -130,7 +139,7 @@ class Streamer:
             if block in self.owner or block.experts is not None:
                 continue  # a routed experts block is staged only once its router has chosen
             # a slab may take ``block`` if nothing reads it and it holds no block due sooner (or ``block`` itself)
-            idle = [i for i in range(self.RING) if not self.busy[i] and self.owner[i] not in due[:count]]
+            idle = [i for i in range(self.ring) if not self.busy[i] and self.owner[i] not in due[:count]]
             if not idle:
                 return
             self._stage(block, idle[0])
@@ -154,17 +163,33 @@ class Streamer:
             self.ready[slot].record(self.copy_stream)
 
     def _disk_to_device(self, block: Block, slot: int) -> None:
-        """Worker thread: read a disk block into a pinned host buffer, then enqueue its copy into ``slot``."""
-        index = self.host_next
-        self.host_next = (index + 1) % self.RING
-        self.host_free[index].synchronize()  # the previous copy out of this host buffer has finished
-        buffer = self.host[index]
-        self._read(block, buffer)
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.free[slot])
-            self.slabs[slot][: block.nbytes].copy_(buffer[: block.nbytes], non_blocking=True)
-            self.ready[slot].record(self.copy_stream)
-            self.host_free[index].record(self.copy_stream)
+        """Worker thread: read a disk block piece by piece into the pinned ring, enqueueing each piece's copy into
+        ``slot`` as soon as it is read; a ring piece is refilled only once its last copy has run."""
+        count = len(self.pieces)
+        inflight: collections.deque = collections.deque()
+
+        def copy_out(item) -> None:
+            future, index, start, nbytes = item
+            future.result()
+            with torch.cuda.stream(self.copy_stream):
+                self.slabs[slot][start : start + nbytes].copy_(self.pieces[index][:nbytes], non_blocking=True)
+                self.piece_free[index].record(self.copy_stream)
+
+        self.copy_stream.wait_event(self.free[slot])  # the compute that last read this slab has run
+        for start, nbytes, reads in block.pieces:
+            if len(inflight) == count:
+                copy_out(inflight.popleft())
+            index, self.piece_next = self.piece_next, (self.piece_next + 1) % count
+            self.piece_free[index].synchronize()  # the copy out of this piece has finished
+            view = memoryview(self.pieces[index].numpy())
+            inflight.append((self.readers.submit(self._read_piece, reads, view), index, start, nbytes))
+        while inflight:
+            copy_out(inflight.popleft())
+        self.ready[slot].record(self.copy_stream)
+
+    def _read_piece(self, reads: list, view: memoryview) -> None:
+        for path, offset, at, nbytes in reads:
+            self.store.read_into(path, offset, view[at : at + nbytes])
 
     def _read(self, block: Block, buffer) -> None:
         """Fill ``buffer`` with ``block``'s bytes from the offload store: large reads, several threads."""
@@ -206,7 +231,7 @@ class Streamer:
         return getattr(self, name)
 
     def close(self) -> None:
-        for i in range(self.RING):
+        for i in range(self.ring):
             try:
                 self._wait_pending(i)
             except Exception:
@@ -214,6 +239,24 @@ class Streamer:
         for pool in (self.readers, getattr(self, "worker", None)):
             if pool is not None:
                 pool.shutdown(wait=True)
+
+
+def split_pieces(runs: list, nbytes: int, piece: int) -> list[tuple[int, int, list]]:
+    """Cut a slab of ``nbytes`` filled by ``runs`` (``(file, file offset, slab offset, nbytes)``) into spans of at
+    most ``piece`` bytes: ``(slab offset, span bytes, [(file, file offset, offset in the span, nbytes)])``. A span
+    is copied whole (alignment padding included), so many small tensors travel as one copy."""
+    spans = []
+    for start in range(0, nbytes, piece):
+        end = min(start + piece, nbytes)
+        reads = []
+        for path, offset, at, size in runs:
+            low, high = max(at, start), min(at + size, end)
+            if low < high:
+                reads.append((path, offset + low - at, low - start, high - low))
+        if reads:
+            last = max(at + size for _, _, at, size in reads)
+            spans.append((start, last, reads))
+    return spans
 
 
 def _wrap(tensor, is_param: bool):

@@ -29,6 +29,7 @@ from .devicemap import (
     covering_key,
     device_for,
     main_device,
+    streaming_map,
     torch_device,
 )
 from .measure import as_torch_dtype
@@ -218,8 +219,9 @@ def load_checkpoint_in_model(
 
     loaded = [t for t in targets if t.entry is not None]
     modules = dict(model.named_modules())
+    blocks = streaming_map(model, device_map, main) if device_map else None  # the dispatcher's blocks
     for t in targets:
-        key = covering_key(t.names[0], device_map) if device_map else ""
+        key = covering_key(t.names[0], blocks) if blocks else ""
         t.block = block_module(key, t.names[0], modules) if key is not None else ""
     pin = main.type == "cuda"  # ask CUDA nothing for a CPU/disk map: not even is_available()
     host = _allocate(loaded, pin)

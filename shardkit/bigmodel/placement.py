@@ -8,13 +8,17 @@ unless its class is no-split, place tied parameters together. What it reserves d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..units import parse_size
+from .readahead import CHUNK, DEPTH, PARALLEL_DEPTH, PARALLEL_PIECE, disk_ring
 
 #: GPU staging slabs the dispatcher keeps for streaming offloaded blocks: one computing, one being filled.
 STAGING_SLOTS = 2
+#: Staging slabs when the CPU runs the model: one; disk blocks are read straight into it, synchronously.
+CPU_STAGING_SLOTS = 1
 
 
 @dataclass
@@ -68,14 +72,20 @@ def _device_key(key):
     raise UsageError(f"unknown device {key!r} in max_memory: use GPU indexes (0, 1...), 'cpu' and 'disk'")
 
 
-def max_layer_size(queue: list[Node], sizes: dict[str, int], no_split: set[str]) -> tuple[int, list[str]]:
-    """The largest layer in ``queue`` (a module with no child modules, or a no-split one) and every name that size."""
+def max_layer_size(
+    queue: list[Node], sizes: dict[str, int], no_split: set[str], spanning: set[str] | None = None
+) -> tuple[int, list[str]]:
+    """The largest layer in ``queue`` (a module with no child modules, or a no-split one) and every name that size.
+
+    With ``spanning`` (see :func:`spanning_modules`) a layer is what the dispatcher streams as one block: also any
+    module that spans no repeated layers.
+    """
     best, names = 0, []
     stack = [n for n in queue if n.is_module]
     while stack:
         node = stack.pop(0)
         kids = [c for c in node.children if c.is_module]
-        if not kids or node.cls in no_split:
+        if not kids or node.cls in no_split or (spanning is not None and node.name not in spanning):
             size = sizes.get(node.name, 0)
             if size > best:
                 best, names = size, [node.name]
@@ -100,8 +110,10 @@ def greedy(
     verbose: bool = False,
     fallback: bool = False,
     report: dict | None = None,
+    spanning: set[str] | None = None,
 ) -> dict:
-    """One greedy pass. ``reserve[device] = k`` holds back ``k`` times the largest remaining layer on ``device``.
+    """One greedy pass. ``reserve[device] = k`` holds back ``k`` times the largest remaining layer on ``device``
+    (``k`` may also be a function of that size, returning bytes). ``spanning``: see :func:`max_layer_size`.
 
     ``fallback`` is accelerate's ``fallback_allocation``: before leaving a GPU or the CPU with nothing on it, put
     there the first module (breadth first, splitting where allowed) that fits beside the held-back room.
@@ -112,19 +124,19 @@ def greedy(
     device_map: dict = {}
     used = {d: 0 for d in devices}
     current = 0
-    biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+    biggest, biggest_names = max_layer_size(queue, sizes, no_split, spanning)
     while queue:
         node = queue.pop(0)
         name = node.name
         biggest_names = [n for n in biggest_names if not _inside(name, n)]
         if not biggest_names:
-            biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+            biggest, biggest_names = max_layer_size(queue, sizes, no_split, spanning)
         size = sizes.get(name, 0)
         groups = [g for g in tied if any(_inside(name, p) for p in g) and not all(_inside(name, p) for p in g)]
         outside = [p for g in groups for p in g if not _inside(name, p)]
         device = devices[current]
         limit = None if device == "disk" else max_memory[device]
-        held = reserve.get(device, 0) * biggest if limit is not None else 0
+        held = _held(reserve.get(device, 0), biggest) if limit is not None else 0
         if limit is not None:
             limit -= held
         # Tied parameters outside this module drag their queued modules along.
@@ -151,14 +163,14 @@ def greedy(
             if split is not None:
                 at = queue.index(split)
                 queue = [node] + queue[:at] + split.children + queue[at + 1 :]
-                biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+                biggest, biggest_names = max_layer_size(queue, sizes, no_split, spanning)
                 continue
         if used[device] + size >= limit:
             if node.is_module and any(c.is_module for c in node.children) and node.cls not in no_split:
                 if verbose:
                     print(f"split {name}: {size} bytes do not fit the {limit - used[device]} left on {device}")
                 queue = node.children + queue
-                biggest, biggest_names = max_layer_size(queue, sizes, no_split)
+                biggest, biggest_names = max_layer_size(queue, sizes, no_split, spanning)
                 continue
         if fallback and used[device] == 0 and limit is not None:
             found = _fallback(queue, sizes, max_memory[device] - max(held, with_ties), no_split, tied)
@@ -228,37 +240,48 @@ def plan(
     """A device map for ``root`` within ``max_memory`` (normalized, see :func:`normalize_max_memory`).
 
     Offloaded blocks (on ``"cpu"`` when there is a GPU, and on ``"disk"``) run on the main device (the first GPU,
-    else the CPU) through :data:`STAGING_SLOTS` staging slabs the size of the largest layer, and disk blocks are
-    read through as many host buffers. So room for them is held back only when something is actually offloaded:
-    first a pass with no reserve; if it offloads, a pass holding staging room on the main device; if that uses
-    the disk and there is a GPU, a pass also holding the disk read buffers on the CPU. A first GPU left with
-    nothing but staging room is dropped, and the next one becomes the main device.
+    else the CPU), one block at a time. So room for them is held back only when something is actually
+    offloaded, and it is what the dispatcher uses: first a pass with no reserve; if it offloads, a pass holding
+    :data:`STAGING_SLOTS` slabs of the largest block on the main GPU (with the CPU as main device,
+    :data:`CPU_STAGING_SLOTS`: disk blocks are read straight into it); if a GPU run also uses the disk, a pass
+    also holding the disk tier's fixed pinned read ring (:func:`~shardkit.bigmodel.readahead.disk_ring`) on the
+    CPU. A first GPU left with nothing but staging room is dropped, and the next one becomes the main device.
+
+    A block is what the dispatcher streams as one: a no-split module, or a module that spans no repeated layers
+    (:func:`spanning_modules`). Offloaded entries are never collapsed above that (``{"": "disk"}`` comes out as
+    one entry per layer), so the map shows what will be streamed.
 
     ``match_accelerate=True`` reproduces accelerate exactly: one largest layer held back on the first GPU and the
-    CPU, always. ``fallback`` and ``report``: see :func:`greedy` (``report`` describes the final pass).
+    CPU, always, and accelerate's collapsed entries. ``fallback`` and ``report``: see :func:`greedy` (``report``
+    describes the final pass).
     """
     gpus = [d for d in max_memory if d not in ("cpu", "disk")]
     main = gpus[0] if gpus else "cpu"
-
     position = {name: i for i, name in enumerate(_preorder(root))}
+    spanning = None if match_accelerate else spanning_modules(root, no_split)
+    offloaded = {"cpu", "disk"} if gpus else {"disk"}
 
     def run(reserve):
         if report is not None:
             report.clear()
-        result = greedy(root, sizes, max_memory, no_split, tied, reserve, verbose, fallback, report)
-        result = clean_device_map(result) if clean else result
+        result = greedy(root, sizes, max_memory, no_split, tied, reserve, verbose, fallback, report, spanning)
+        if clean:
+            result = clean_device_map(result)
+            if spanning is not None:
+                result = expand_offloaded(result, root, spanning, lambda device: device in offloaded)
         return {k: result[k] for k in sorted(result, key=lambda k: position.get(k, len(position)))}
 
     if match_accelerate:
         return run({main: 1, "cpu": 1})
     device_map = run({})
-    offload_tiers = {"cpu", "disk"} if gpus else {"disk"}
-    if not offload_tiers & set(device_map.values()):
+    if not offloaded & set(device_map.values()):
         return device_map
+    if not gpus:
+        return run({"cpu": CPU_STAGING_SLOTS})
     device_map = run({main: STAGING_SLOTS})
-    if gpus and "disk" in device_map.values():
-        device_map = run({main: STAGING_SLOTS, "cpu": STAGING_SLOTS})
-    if gpus and main not in device_map.values():
+    if "disk" in device_map.values():
+        device_map = run({main: STAGING_SLOTS, "cpu": lambda largest: _ring_bytes(largest)})
+    if main not in device_map.values():
         # The staging room was all the first GPU could hold, but offloaded blocks run on the first GPU the map
         # uses: plan again without this one, so the room is held where the slabs will be.
         rest = {device: limit for device, limit in max_memory.items() if device != main}
@@ -270,53 +293,109 @@ def plan(
     return device_map
 
 
-def plan_experts(root: Node, sizes: dict[str, int], max_memory: dict, experts: list[str]) -> dict:
-    """A map that keeps everything but the routed experts on the main device and offloads experts first.
+def _ring_bytes(largest: int) -> int:
+    piece, count = disk_ring(largest)
+    return piece * count
 
-    Mixture-of-experts models hold almost all their bytes in routed experts, of which a token uses a few: with
-    routed fetch (:mod:`shardkit.bigmodel.experts`) an offloaded experts block costs only the chosen experts'
-    bytes, while any other offloaded layer costs all of its own. So the non-expert weights (attention, routers,
-    shared experts, norms, embeddings) all go on the main device (the first GPU, else the CPU); the experts
-    modules, in layer order, fill what is left of the GPUs (like llama.cpp's ``--n-cpu-moe``), then the CPU,
-    then the disk. When any experts are offloaded the main device holds :data:`STAGING_SLOTS` slabs of the
-    largest experts block (a long prefill stages blocks whole); when any go to disk, the CPU holds as many read
-    buffers. Raises :class:`UsageError` when the non-expert weights alone do not fit the main device.
+
+def _held(reserve: int | Callable[[int], int], biggest: int) -> int:
+    return reserve(biggest) if callable(reserve) else reserve * biggest
+
+
+def spanning_modules(root: Node, no_split: set[str]) -> set[str]:
+    """Names of the modules the dispatcher streams as several blocks rather than one: those holding repeated layers
+    (two or more child modules named by integers, as ``layers.0``, ``h.1``) at any depth, unless no-split."""
+    found: set[str] = set()
+
+    def walk(node: Node) -> bool:
+        kids = [c for c in node.children if c.is_module]
+        spans = False
+        for child in kids:
+            spans = walk(child) or spans
+        spans = spans or sum(c.name.rsplit(".", 1)[-1].isdigit() for c in kids) >= 2
+        if spans and node.cls not in no_split:
+            found.add(node.name)
+        return spans
+
+    walk(root)
+    return found
+
+
+def stream_blocks(node: Node, spanning: set[str]) -> list[str]:
+    """The blocks an offloaded ``node`` is streamed as: itself, or, if it spans repeated layers, its direct tensors
+    (which the dispatcher keeps on the execution device) and the blocks of each child module."""
+    if not node.is_module or node.name not in spanning:
+        return [node.name]
+    return [name for child in node.children for name in stream_blocks(child, spanning)]
+
+
+def expand_offloaded(device_map: dict, root: Node, spanning: set[str], offloaded: Callable[[object], bool]) -> dict:
+    """``device_map`` with every entry that is ``offloaded`` and spans repeated layers replaced, where it stands, by
+    its :func:`stream_blocks` (same device). The dispatcher streams any map this way, whatever its granularity."""
+    if not any(key in spanning and offloaded(device) for key, device in device_map.items()):
+        return device_map
+    nodes = {node.name: node for node in root.modules()}
+    expanded: dict = {}
+    for key, device in device_map.items():
+        if key in spanning and key in nodes and offloaded(device):
+            expanded.update(dict.fromkeys(stream_blocks(nodes[key], spanning), device))
+        else:
+            expanded[key] = device
+    return expanded
+
+
+def memory_needs(root: Node, sizes: dict[str, int], device_map: dict, no_split: set[str], *, cast: bool = False) -> dict:
+    """What a load and the forwards with ``device_map`` hold in memory, in bytes, by the dispatcher's rules.
+
+    ``{"host": {"weights", "staging", "disk_ring", "load_buffers", "run", "load", "peak"}, "gpus": {index:
+    {"weights", "staging", "total"}}}``: host ``weights`` are the CPU tier; ``staging`` the slab(s) offloaded blocks
+    run from when the CPU is the main device (one); ``disk_ring`` the pinned ring disk blocks reach a GPU through;
+    ``load_buffers`` the read-ahead buffers a load uses (pinned 16 MiB pieces for GPU targets, 64 MiB chunks plus
+    a cast buffer for casts and offload writes; none for plain CPU tensors, which are read straight into place).
+    GPU ``staging`` is two slabs of the largest offloaded block, on the main GPU. ``cast``: the load casts dtypes.
     """
-    gpus = [d for d in max_memory if d not in ("cpu", "disk")]
+    gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
     main = gpus[0] if gpus else "cpu"
-    order = {name: i for i, name in enumerate(_preorder(root))}
-    ordered = sorted(experts, key=lambda name: order.get(name, len(order)))
-    expert_bytes = sum(sizes.get(e, 0) for e in ordered)
-    rest = sizes.get(root.name, 0) - expert_bytes
-    if rest > max_memory.get(main, 0):
-        raise UsageError(
-            f"the weights other than routed experts take {rest} bytes, more than the {max_memory.get(main, 0)} "
-            f"max_memory gives {main}: give it more, or plan without experts_offload"
-        )
-    if not ordered or rest + expert_bytes <= max_memory[main]:
-        return {"": main}
-    largest = max(sizes.get(e, 0) for e in ordered)
-    tiers = [*gpus, "cpu"] if gpus else ["cpu"]
-    free = {d: max_memory.get(d, 0) for d in tiers}
-    free[main] -= rest + (STAGING_SLOTS * largest if gpus else 0)
+    is_offloaded = (lambda d: d in ("cpu", "disk")) if gpus else (lambda d: d == "disk")
+    blocks = expand_offloaded(device_map, root, spanning_modules(root, no_split), is_offloaded)
+    offloaded = [sizes.get(k, 0) for k, d in blocks.items() if is_offloaded(d)]
+    on_disk = [sizes.get(k, 0) for k, d in blocks.items() if d == "disk"]
+    largest_tensor = max((sizes.get(n.name, 0) for n in _tensors(root)), default=0)
+    host_weights = sum(sizes.get(k, 0) for k, d in device_map.items() if d == "cpu")
+    staging = max(on_disk) * CPU_STAGING_SLOTS if main == "cpu" and on_disk else 0
+    ring = _ring_bytes(max(on_disk)) if main != "cpu" and on_disk else 0
+    load_buffers = 0
+    if gpus:
+        load_buffers = PARALLEL_DEPTH * min(PARALLEL_PIECE, largest_tensor)
+    elif cast or on_disk:
+        load_buffers = (DEPTH + 1) * min(CHUNK, largest_tensor)  # the ring plus one cast chunk, at most
+    host = {
+        "weights": host_weights,
+        "staging": staging,
+        "disk_ring": ring,
+        "load_buffers": load_buffers,
+        "run": host_weights + staging + ring,
+        "load": host_weights + load_buffers,
+    }
+    host["peak"] = max(host["run"], host["load"])
+    per_gpu: dict = {}
+    for key, device in device_map.items():
+        if device not in ("cpu", "disk"):
+            entry = per_gpu.setdefault(device, {"weights": 0, "staging": 0})
+            entry["weights"] += sizes.get(key, 0)
+    if main != "cpu" and offloaded:
+        per_gpu[main]["staging"] = STAGING_SLOTS * max(offloaded)
+    for entry in per_gpu.values():
+        entry["total"] = entry["weights"] + entry["staging"]
+    return {"host": host, "gpus": per_gpu}
 
-    def fill(free: dict) -> dict:
-        placed, current = {}, 0
-        for name in ordered:  # in layer order: the first layers' experts stay on the GPU, the last go furthest
-            size = sizes.get(name, 0)
-            while current < len(tiers) and free[tiers[current]] < size:
-                current += 1
-            placed[name] = tiers[current] if current < len(tiers) else "disk"
-            if current < len(tiers):
-                free[tiers[current]] -= size
-        return placed
 
-    placed = fill(dict(free))
-    if "disk" in placed.values() and "cpu" in free:
-        # Disk blocks pass through host buffers (read buffers for a GPU, staging slabs for the CPU): hold them.
-        free["cpu"] -= STAGING_SLOTS * largest
-        placed = fill(free)
-    return {"": main, **placed}
+def _tensors(node: Node):
+    for child in node.children:
+        if child.is_module:
+            yield from _tensors(child)
+        else:
+            yield child
 
 
 def experts_in_tree(root: Node, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:

@@ -26,6 +26,17 @@ THREADS = 1
 #: threads ran at 1.72 GB/s where 8 MiB pieces reached 1.36 (the disk's O_DIRECT best: 1.96).
 PARALLEL_PIECE = 16 * 2**20
 PARALLEL_THREADS = 8
+#: Pinned buffers of the loader's GPU ring and of the disk tier's ring: two per thread, so each thread reads into
+#: one while the copy out of its other one runs.
+PARALLEL_DEPTH = 2 * PARALLEL_THREADS
+
+
+def disk_ring(largest: int) -> tuple[int, int]:
+    """``(piece bytes, count)`` of the pinned ring a GPU-run disk tier streams blocks of at most ``largest`` bytes
+    through (disk -> ring piece -> GPU slab): :data:`PARALLEL_PIECE` pieces, :data:`PARALLEL_DEPTH` of them, never
+    more than two blocks' worth. Its size is fixed, whatever the blocks: 256 MiB for blocks of 128 MiB and more."""
+    piece = max(256, min(PARALLEL_PIECE, -(-largest // 256) * 256))
+    return piece, max(2, min(PARALLEL_DEPTH, -(-2 * largest // piece)))
 
 
 @dataclass(slots=True)
