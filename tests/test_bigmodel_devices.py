@@ -120,3 +120,36 @@ def test_visible_gpus_reads_the_driver_without_torch(monkeypatch, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1] == "False"
     assert int(out[0]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+@pytest.fixture
+def no_cuda_allowed(monkeypatch):
+    """Every way shardkit could touch CUDA or pin memory raises: a CPU/disk map must take none of them (on a GPU
+    machine, creating a context and pinning cost ~100 MB of host memory each, which the memory tests measured)."""
+    from shardkit.bigmodel import slab
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a CPU/disk map reached CUDA or pinned memory")
+
+    for name in ("_lazy_init", "is_available", "device_count", "synchronize", "current_stream", "Stream", "Event"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+    monkeypatch.setattr(slab, "_pinned", forbidden)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", forbidden)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [{"device_map": {"": "cpu"}}, {"device_map": {"": "disk"}}, {"device_map": "auto", "max_memory": {"cpu": 60_000}}],
+    ids=["cpu", "disk", "auto-cpu-disk"],
+)
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_a_map_without_gpus_never_touches_cuda_or_pins(llama, tmp_path, no_cuda_allowed, how, dtype):
+    folder, want = llama
+    model = load_checkpoint_and_dispatch(
+        build("llama", empty=True), folder, offload_folder=tmp_path, dtype=dtype, force_hooks=True, **how
+    )
+    assert "cuda" not in {str(d) for d in model.hf_device_map.values()}
+    out = run(model, "llama")
+    if dtype is None:
+        assert torch.equal(out, want)
+    assert torch.equal(run(model, "llama"), out)

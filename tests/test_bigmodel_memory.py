@@ -50,6 +50,8 @@ reset_peak()
 base = peak()
 kwargs = dict(cpu=dict(device_map={{"": "cpu"}}),
               disk=dict(device_map={{str(i): "disk" for i in range({LAYERS})}}, offload_folder=offload),
+              disk_root=dict(device_map={{"": "disk"}}, offload_folder=offload),
+              auto_small=dict(device_map="auto", max_memory={{"cpu": 3 * {TENSOR + WIDTH * 4}}}, offload_folder=offload),
               disk_bf16=dict(device_map={{str(i): "disk" for i in range({LAYERS})}}, offload_folder=offload,
                              dtype=torch.bfloat16))[mode]
 model = load_checkpoint_and_dispatch(model, folder, force_hooks=True, **kwargs)
@@ -57,7 +59,12 @@ loaded = peak()
 with torch.no_grad():
     dtype = next(iter(model.state_dict().values())).dtype if mode == "cpu" else None
     model(x.to(dtype or (torch.bfloat16 if mode == "disk_bf16" else torch.float32)))
-print(json.dumps({{"load": loaded - base, "forward": peak() - base}}))
+after = peak()
+reset_peak()
+with torch.no_grad():
+    model(x.to(dtype or (torch.bfloat16 if mode == "disk_bf16" else torch.float32)))
+print(json.dumps({{"load": loaded - base, "forward": after - base, "second": peak() - base,
+                  "map": {{k: str(v) for k, v in model.hf_device_map.items()}}}}))
 """
 
 
@@ -93,7 +100,26 @@ def test_all_cpu_load_holds_the_weights_and_nothing_more(checkpoint, tmp_path):
 def test_disk_offloaded_load_and_forward_hold_no_model_copy(checkpoint, tmp_path):
     peaks = measure(checkpoint, "disk", tmp_path)
     assert peaks["load"] <= SLACK, peaks  # safetensors in the right dtype: the store points into the files
-    assert peaks["forward"] <= 2 * TENSOR + SLACK, peaks  # two staging slabs of one layer
+    assert peaks["forward"] <= TENSOR + SLACK, peaks  # one staging slab of one layer (the CPU runs it)
+
+
+def test_whole_model_on_disk_streams_one_layer_at_a_time(checkpoint, tmp_path):
+    """Issue 11 item 5: ``{"": "disk"}`` is dispatched as one block per layer, through one staging slab on the CPU,
+    not staged as one block the size of the model (which held the whole model in RAM, after the forward too)."""
+    peaks = measure(checkpoint, "disk_root", tmp_path)
+    assert peaks["load"] <= SLACK, peaks
+    assert peaks["forward"] <= TENSOR + SLACK, peaks  # one staging slab of one layer
+    assert peaks["second"] <= TENSOR + SLACK, peaks
+
+
+def test_a_small_cpu_budget_uses_less_memory_not_more(checkpoint, tmp_path):
+    """A CPU budget of three layers: two layers stay on the CPU, one slab is held for the rest, never the model."""
+    peaks = measure(checkpoint, "auto_small", tmp_path)
+    assert sorted(set(peaks["map"].values())) == ["cpu", "disk"], peaks
+    on_cpu = sum(1 for v in peaks["map"].values() if v == "cpu")
+    assert on_cpu == 2, peaks
+    assert peaks["forward"] <= 3 * TENSOR + SLACK, peaks  # the CPU budget: two layers and one staging slab
+    assert peaks["second"] <= 3 * TENSOR + SLACK, peaks
 
 
 def test_disk_offload_with_cast_streams_through_a_bounded_ring(checkpoint, tmp_path):

@@ -91,3 +91,27 @@ def test_headers_plan_never_imports_torch(llama):
 def test_import_shardkit_stays_torch_free():
     code = "import sys, shardkit, shardkit.bigmodel; shardkit.bigmodel.__all__; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+
+
+def test_plan_prints_the_host_memory_it_expects(llama):
+    """Issue 11 item 5: the budget can be checked against what a load will hold, staging and read buffers included."""
+    from shardkit.bigmodel.readahead import PARALLEL_DEPTH, PARALLEL_PIECE, disk_ring
+
+    data = orjson.loads(plan(llama, "--max-memory", "cpu=60KB", "--json").stdout)
+    sizes = {k: v for k, v in data["bytes"].items()}
+    host = data["memory"]["host"]
+    layer = 37120  # a LlamaDecoderLayer of the tiny model, fp32: the largest block on disk
+    assert host["weights"] == sizes["cpu"] and host["staging"] == layer and host["disk_ring"] == 0
+    assert host["load_buffers"] == 0  # safetensors in their own dtype: CPU tensors read in place, disk ones not read
+    assert host["run"] == host["weights"] + layer <= 60_000
+    assert data["memory"]["gpus"] == {}
+
+    data = orjson.loads(plan(llama, "--max-memory", "0=100KB,cpu=60KB", "--json").stdout)
+    host, gpu = data["memory"]["host"], data["memory"]["gpus"]["0"]
+    piece, count = disk_ring(layer)
+    assert host["disk_ring"] == piece * count and host["staging"] == 0
+    assert host["load_buffers"] == PARALLEL_DEPTH * min(PARALLEL_PIECE, 16384)  # pinned ring, 16 pieces of the largest tensor
+    assert gpu["staging"] == 2 * layer and gpu["total"] == gpu["weights"] + 2 * layer <= 100_000
+
+    text = plan(llama, "--max-memory", "cpu=60KB")
+    assert "host memory: " in text.stdout and "staging slab" in text.stdout and "while loading" in text.stdout

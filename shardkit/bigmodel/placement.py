@@ -344,15 +344,16 @@ def expand_offloaded(device_map: dict, root: Node, spanning: set[str], offloaded
     return expanded
 
 
-def memory_needs(root: Node, sizes: dict[str, int], device_map: dict, no_split: set[str], *, cast: bool = False) -> dict:
+def memory_needs(root: Node, sizes: dict[str, int], device_map: dict, no_split: set[str], *, rewrite: bool = False) -> dict:
     """What a load and the forwards with ``device_map`` hold in memory, in bytes, by the dispatcher's rules.
 
     ``{"host": {"weights", "staging", "disk_ring", "load_buffers", "run", "load", "peak"}, "gpus": {index:
     {"weights", "staging", "total"}}}``: host ``weights`` are the CPU tier; ``staging`` the slab(s) offloaded blocks
     run from when the CPU is the main device (one); ``disk_ring`` the pinned ring disk blocks reach a GPU through;
     ``load_buffers`` the read-ahead buffers a load uses (pinned 16 MiB pieces for GPU targets, 64 MiB chunks plus
-    a cast buffer for casts and offload writes; none for plain CPU tensors, which are read straight into place).
-    GPU ``staging`` is two slabs of the largest offloaded block, on the main GPU. ``cast``: the load casts dtypes.
+    a cast buffer for casts and offload writes; none for plain CPU tensors, which are read straight into place,
+    nor for disk tensors a safetensors file holds in the right dtype). GPU ``staging`` is two slabs of the largest
+    offloaded block, on the main GPU. ``rewrite``: the load casts dtypes, or the checkpoint is not safetensors.
     """
     gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
     main = gpus[0] if gpus else "cpu"
@@ -367,7 +368,7 @@ def memory_needs(root: Node, sizes: dict[str, int], device_map: dict, no_split: 
     load_buffers = 0
     if gpus:
         load_buffers = PARALLEL_DEPTH * min(PARALLEL_PIECE, largest_tensor)
-    elif cast or on_disk:
+    elif rewrite:
         load_buffers = (DEPTH + 1) * min(CHUNK, largest_tensor)  # the ring plus one cast chunk, at most
     host = {
         "weights": host_weights,

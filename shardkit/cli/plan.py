@@ -51,14 +51,17 @@ def plan_command(
     Without --model-config the plan comes from the checkpoint's headers alone (no torch import): tensors are
     grouped into the repeated blocks their names reveal (model.layers.N, h.N, encoder.layer.N).
     """
-    from ..bigmodel.placement import normalize_max_memory, plan
+    from ..bigmodel.placement import memory_needs, normalize_max_memory, plan
     from ..dtypes import parse_dtype
     from ..reader import open_checkpoint
 
     budget = normalize_max_memory(parse_max_memory(max_memory))
     dtype = parse_dtype(dtype) if dtype else None
+    checkpoint = open_checkpoint(checkpoint)
     if model_config:
-        device_map, sizes, experts = _plan_from_config(model_config, budget, dtype, list(no_split), experts_offload)
+        device_map, sizes, experts, root, classes = _plan_from_config(
+            model_config, budget, dtype, list(no_split), experts_offload
+        )
         source = "config"
         config_path = model_config
     else:
@@ -66,26 +69,30 @@ def plan_command(
         from ..bigmodel.placement import experts_in_tree, plan_experts
         from ..formats.dcp import model_weights
 
-        opened = model_weights(open_checkpoint(checkpoint))[0]
+        opened = model_weights(checkpoint)[0]
         root, sizes, tied = checkpoint_tree(opened, dtype)
         experts = experts_in_tree(root, {e.name: tuple(e.shape) for e in opened})
+        classes = {REPEATED, *no_split}
         if experts_offload:
             if not experts:
-                raise UsageError(f"--experts-offload: {checkpoint} holds no experts modules (mlp.experts, experts.N)")
+                raise UsageError(f"--experts-offload: {opened.root} holds no experts modules (mlp.experts, experts.N)")
             device_map = plan_experts(root, sizes, budget, list(experts))
         else:
-            device_map = plan(root, sizes, budget, {REPEATED, *no_split}, tied)
+            device_map = plan(root, sizes, budget, classes, tied)
         source = "headers"
         config_path = opened.root
     per_device: dict[str, int] = {}
     for key, device in device_map.items():
         per_device[str(device)] = per_device.get(str(device), 0) + sizes.get(key, 0)
-    notes = _absent_gpu_notes(budget)
+    rewrite = dtype is not None or any(f.format != "safetensors" for f in checkpoint.files)
+    memory = memory_needs(root, sizes, device_map, classes, rewrite=rewrite)
+    notes = _absent_gpu_notes(budget) + _over_budget_notes(memory, budget)
     result = {
         "source": source,
         "device_map": {k: device_map[k] for k in device_map},
         "bytes": per_device,
         "total_bytes": sizes.get("", 0),
+        "memory": memory,
         "notes": notes,
     }
     if experts:
@@ -108,6 +115,9 @@ def plan_command(
             click.echo(f"                                     {format_size(moe['routed_bytes_per_token'])} with routed fetch")
         else:
             click.echo("  (pass --model-config, or keep config.json beside the checkpoint, for the routed figure)")
+    click.echo("")
+    for line in _memory_lines(memory):
+        click.echo(line)
     for note in notes:
         click.echo(f"note: {note}", err=True)
 
@@ -178,10 +188,38 @@ def _absent_gpu_notes(budget: dict) -> list[str]:
     return [f"planned for GPU {names}, which this machine lacks ({have}): {load}"]
 
 
+def _memory_lines(memory: dict) -> list[str]:
+    """The memory a load and its forwards hold, host first, as the dispatcher's rules give it."""
+    host = memory["host"]
+    size = format_size
+    parts = [f"{size(host['weights'])} CPU-tier weights"]
+    if host["staging"]:
+        parts.append(f"{size(host['staging'])} staging slab")
+    if host["disk_ring"]:
+        parts.append(f"{size(host['disk_ring'])} pinned disk read ring")
+    lines = [
+        f"host memory: {' + '.join(parts)} = {size(host['run'])} while running; "
+        f"{size(host['load'])} while loading (read buffers {size(host['load_buffers'])})"
+    ]
+    for device, gpu in memory["gpus"].items():
+        staging = f" + {size(gpu['staging'])} staging slabs" if gpu["staging"] else ""
+        lines.append(f"GPU {device}: {size(gpu['weights'])} weights{staging} = {size(gpu['total'])}")
+    return lines
+
+
+def _over_budget_notes(memory: dict, budget: dict) -> list[str]:
+    """The budget covers weights and streaming room; say so when the load's read buffers go beyond it."""
+    limit = budget.get("cpu")
+    peak = memory["host"]["peak"]
+    if limit is None or peak <= limit:
+        return []
+    return [f"host memory peaks at {format_size(peak)}, {format_size(peak - limit)} over the cpu budget (read buffers)"]
+
+
 def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str], experts_offload: bool = False):
     from ..bigmodel.devicemap import infer_auto_device_map
     from ..bigmodel.empty import empty_model_from_config
-    from ..bigmodel.measure import compute_module_sizes, expert_modules
+    from ..bigmodel.measure import compute_module_sizes, expert_modules, module_tree
     from ..dtypes import torch_dtype
 
     model = empty_model_from_config(path)
@@ -189,4 +227,4 @@ def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list
     dt = torch_dtype(dtype) if dtype else None
     experts = expert_modules(model)
     device_map = infer_auto_device_map(model, budget, no_split, dt, experts_offload=experts_offload)
-    return device_map, compute_module_sizes(model, dtype=dt), experts
+    return device_map, compute_module_sizes(model, dtype=dt), experts, module_tree(model), set(no_split)
