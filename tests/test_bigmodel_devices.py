@@ -100,7 +100,7 @@ def test_plan_notes_a_gpu_the_machine_lacks(llama, gpus):
     assert result.exit_code == 0, result.output
     data = orjson.loads(result.stdout)
     assert 0 in data["device_map"].values()  # a plan for a GPU machine elsewhere is still made
-    assert data["notes"] == [
+    assert data["notes"][:1] == [
         "planned for GPU 0, which this machine lacks (no CUDA GPU): a load here with this budget drops it, "
         "with a warning, and plans on the CPU and disk"
     ]
@@ -108,7 +108,7 @@ def test_plan_notes_a_gpu_the_machine_lacks(llama, gpus):
     assert text.exit_code == 0 and "note: planned for GPU 0, which this machine lacks" in text.stderr
     gpus.count = 1
     data = orjson.loads(runner.invoke(main, ["plan", str(folder), "--max-memory", "0=100KB,cpu=60KB", "--json"]).stdout)
-    assert data["notes"] == []
+    assert not [note for note in data["notes"] if "lacks" in note]
 
 
 def test_visible_gpus_reads_the_driver_without_torch(monkeypatch, tmp_path):

@@ -100,6 +100,12 @@ class Streamer:
                 self.piece_next = 0
                 for block in disk:
                     block.pieces = split_pieces(block.runs, block.nbytes, piece)
+                routed = [b for b in disk if b.experts is not None]
+                if routed:  # routed experts are read whole into a host buffer, then copied (experts._disk_read)
+                    largest = max(b.nbytes for b in routed)
+                    self.host = [slab.allocate(largest, pin=True) for _ in range(self.RING)]
+                    self.host_free = [torch.cuda.Event() for _ in range(self.RING)]
+                    self.host_next = 0
                 self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardkit-stage")
 
     def acquire(self, block: Block) -> int:

@@ -443,6 +443,55 @@ def decode_traffic(
     return {"dense": dense, "routed": dense - saved if top_k else None}
 
 
+def plan_experts(root: Node, sizes: dict[str, int], max_memory: dict, experts: list[str]) -> dict:
+    """A map that keeps everything but the routed experts on the main device and offloads experts first.
+
+    Mixture-of-experts models hold almost all their bytes in routed experts, of which a token uses a few: with
+    routed fetch (:mod:`shardkit.bigmodel.experts`) an offloaded experts block costs only the chosen experts'
+    bytes, while any other offloaded layer costs all of its own. So the non-expert weights (attention, routers,
+    shared experts, norms, embeddings) all go on the main device (the first GPU, else the CPU); the experts
+    modules, in layer order, fill what is left of the GPUs (like llama.cpp's ``--n-cpu-moe``), then the CPU,
+    then the disk. When any experts are offloaded the main device holds :data:`STAGING_SLOTS` slabs of the
+    largest experts block (a long prefill stages blocks whole); when any go to disk, the CPU holds as many read
+    buffers. Raises :class:`UsageError` when the non-expert weights alone do not fit the main device.
+    """
+    gpus = [d for d in max_memory if d not in ("cpu", "disk")]
+    main = gpus[0] if gpus else "cpu"
+    order = {name: i for i, name in enumerate(_preorder(root))}
+    ordered = sorted(experts, key=lambda name: order.get(name, len(order)))
+    expert_bytes = sum(sizes.get(e, 0) for e in ordered)
+    rest = sizes.get(root.name, 0) - expert_bytes
+    if rest > max_memory.get(main, 0):
+        raise UsageError(
+            f"the weights other than routed experts take {rest} bytes, more than the {max_memory.get(main, 0)} "
+            f"max_memory gives {main}: give it more, or plan without experts_offload"
+        )
+    if not ordered or rest + expert_bytes <= max_memory[main]:
+        return {"": main}
+    largest = max(sizes.get(e, 0) for e in ordered)
+    tiers = [*gpus, "cpu"] if gpus else ["cpu"]
+    free = {d: max_memory.get(d, 0) for d in tiers}
+    free[main] -= rest + (STAGING_SLOTS * largest if gpus else 0)
+
+    def fill(free: dict) -> dict:
+        placed, current = {}, 0
+        for name in ordered:  # in layer order: the first layers' experts stay on the GPU, the last go furthest
+            size = sizes.get(name, 0)
+            while current < len(tiers) and free[tiers[current]] < size:
+                current += 1
+            placed[name] = tiers[current] if current < len(tiers) else "disk"
+            if current < len(tiers):
+                free[tiers[current]] -= size
+        return placed
+
+    placed = fill(dict(free))
+    if "disk" in placed.values() and "cpu" in free:
+        # Disk blocks pass through host buffers (read buffers for a GPU, staging slabs for the CPU): hold them.
+        free["cpu"] -= STAGING_SLOTS * largest
+        placed = fill(free)
+    return {"": main, **placed}
+
+
 def _preorder(node: Node):
     yield node.name
     for child in node.children:
