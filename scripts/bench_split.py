@@ -11,6 +11,9 @@ Peak RSS is the child's own (``/usr/bin/time -f %M`` when present, else ``wait4`
 
 Prints, per command, the median wall time, its ratio to ``cp`` and the peak RSS with its ratio to
 huggingface_hub's. Targets (issue 3): shardkit within 1.3x of cp, peak RSS under 10% of huggingface_hub's.
+Transforms (issue 15): ``split --rename`` against a plain split of the same source (target: at most 1.1x), and
+``split --dequantize bf16`` of a block-FP8 copy of the checkpoint (``F8_E4M3`` weights with 128x128
+``weight_scale_inv``) against a whole-model torch script doing the same (GB/s of output and peak RSS).
 """
 
 from __future__ import annotations
@@ -50,6 +53,47 @@ torch.save(state, out + "/pytorch_model.bin")
 del state["lm_head.weight"]
 save_file(state, out + "/model.safetensors", metadata={"format": "pt", "lm_head.weight": "model.embed_tokens.weight"})
 """
+
+#: The block-FP8 twin of the checkpoint: every 2-D bf16 weight quantized per 128x128 tile (DeepSeek-V3's layout).
+GENERATE_FP8 = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+state = load_file(sys.argv[1])
+out = {}
+for name, w in state.items():
+    if w.dim() != 2 or "embed" in name:
+        out[name] = w
+        continue
+    rows, cols = w.shape
+    s = torch.ones((rows + 127) // 128, (cols + 127) // 128) * (w.float().abs().amax() / 448)
+    out[name] = (w.float() / s.max()).to(torch.float8_e4m3fn)
+    out[name + "_scale_inv"] = s
+save_file(out, sys.argv[2], metadata={"format": "pt"})
+"""
+
+#: What hand-written scripts do: load everything, dequantize everything in float32, save everything.
+TORCH_DEQUANTIZE = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+state = load_file(sys.argv[1])
+out = {}
+for name, w in state.items():
+    if name.endswith("_scale_inv"):
+        continue
+    s = state.get(name + "_scale_inv")
+    if s is None:
+        out[name] = w
+        continue
+    rows, cols = w.shape
+    e = s.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    out[name] = (w.float() * e).to(torch.bfloat16)
+save_file(out, sys.argv[2] + "/model.safetensors", metadata={"format": "pt"})
+"""
+
+PLAIN_ST = "shardkit split (.safetensors -> shards)"
+RENAMED = "shardkit split --rename (.safetensors -> shards)"
+TORCH_FP8 = "torch load_file + dequantize all + save_file"
+SHARDKIT_FP8 = "shardkit split --dequantize bf16"
 
 HUB = """
 import sys, torch
@@ -140,7 +184,7 @@ def main() -> None:
             src_bin,
             lambda out: [*shardkit, "convert", str(src_bin), str(out), "--quiet", "--overwrite"],
         ),
-        "shardkit split (.safetensors -> shards)": (
+        PLAIN_ST: (
             src_st,
             lambda out: [
                 *shardkit,
@@ -154,6 +198,35 @@ def main() -> None:
             ],
         ),
     }
+    src_fp8 = work / "fp8" / "model.safetensors"
+    if not src_fp8.exists():
+        print("generating the block-FP8 checkpoint...", file=sys.stderr)
+        src_fp8.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", GENERATE_FP8, str(src_st), str(src_fp8)], check=True, env=env)
+    commands.update(
+        {
+            RENAMED: (
+                src_st,
+                lambda out: [
+                    *shardkit,
+                    "split",
+                    str(src_st),
+                    str(out),
+                    "--max-shard-size",
+                    args.max_shard_size,
+                    "--rename",
+                    r"^model\.layers\.(\d+)\.=model.h.\1.",
+                    "--quiet",
+                    "--overwrite",
+                ],
+            ),
+            TORCH_FP8: (src_fp8, lambda out: [sys.executable, "-c", TORCH_DEQUANTIZE, str(src_fp8), str(out)]),
+            SHARDKIT_FP8: (
+                src_fp8,
+                lambda out: [*shardkit, "split", str(src_fp8), str(out), "--dequantize", "bf16", "--quiet", "--overwrite"],
+            ),
+        }
+    )
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
     for _ in range(args.repeat):
         for name, (src, build) in commands.items():  # interleaved, so drifts in disk speed hit every command alike
@@ -176,6 +249,18 @@ def main() -> None:
         seconds = statistics.median(t for t, _ in runs)
         rss = max(r for _, r in runs)
         print(f"{name:<52} {seconds:>7.2f} {seconds / cp_time:>5.2f}x {rss / 2**20:>6.0f} MiB {rss / hub_rss:>6.1%}")
+
+    plain, renamed = (statistics.median(t for t, _ in results[n]) for n in (PLAIN_ST, RENAMED))
+    print(f"\n--rename vs plain split of the same source: {renamed / plain:.2f}x (target: at most 1.10x)")
+    out_bytes = sum(p.stat().st_size for p in src_st.parent.glob("model.safetensors"))
+    print(f"--dequantize bf16 of a {src_fp8.stat().st_size / 1e9:.2f} GB block-FP8 checkpoint ({out_bytes / 1e9:.2f} GB out):")
+    torch_t, torch_rss = statistics.median(t for t, _ in results[TORCH_FP8]), max(r for _, r in results[TORCH_FP8])
+    for name in (TORCH_FP8, SHARDKIT_FP8):
+        seconds, rss = statistics.median(t for t, _ in results[name]), max(r for _, r in results[name])
+        print(
+            f"  {name:<50} {out_bytes / seconds / 1e9:>5.2f} GB/s ({seconds / torch_t:.2f}x the time), "
+            f"peak RSS {rss / 2**20:>6.0f} MiB ({rss / torch_rss:.1%} of torch's)"
+        )
 
 
 if __name__ == "__main__":

@@ -157,6 +157,11 @@ CATALOGUE: dict[str, CodeInfo] = {
     "model-unexpected-key": _w("model", "The checkpoint has a tensor the model does not use."),
     "model-shape-mismatch": _e("model", "A tensor's shape differs from the model parameter's."),
     "model-missing-buffer": _w("model", "The model has a persistent buffer the checkpoint lacks (it keeps its initial value)."),
+    "tied-head-differs": _e(
+        "model", "config.json ties the LM head to the input embeddings, but the checkpoint's head holds other values."
+    ),
+    "tied-head-redundant": _w("model", "config.json ties the LM head, and the checkpoint stores it again as an identical copy."),
+    "untied-head-missing": _e("model", "config.json unties the LM head of a causal LM, but the checkpoint has no head."),
     "model-not-checked": _w(
         "model", "The model could not be built from the config (transformers missing, unknown architecture)."
     ),
@@ -194,6 +199,8 @@ CATALOGUE: dict[str, CodeInfo] = {
     "no-fp8": _e("usage", "--dequantize on a checkpoint holding no FP8 tensors."),
     "fp8-no-scale": _e("usage", "--dequantize: an FP8 weight has no weight_scale_inv or weight_scale beside it."),
     "scale-shape": _e("usage", "--dequantize: a scale's shape does not fit its weight and block size (both tensors are named)."),
+    "tie-not-configured": _e("usage", "--tie where config.json does not say tie_word_embeddings: true."),
+    "tie-differs": _e("usage", "--tie where the LM head holds other values than the input embeddings (both are named)."),
     # writing (raised)
     "write-failed": _e("output", "Writing the output failed (full disk, permissions); nothing was left at the destination."),
     "verify-failed": _e("output", "The written files do not read back as planned; nothing was left at the destination."),

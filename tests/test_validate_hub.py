@@ -476,6 +476,23 @@ def test_library_split_takes_a_repo_id(hub, tmp_path):
     assert loaded and all(torch.equal(loaded[k], state[k]) for k in loaded)
 
 
+def test_transforms_compose_with_a_repo_source(hub, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    state = {k: v.clone() for k, v in tied_state_dict().items()}
+    save_sharded(state, folder, 800)
+    hub.add_folder("org/cfg", folder)
+    out = tmp_path / "out"
+    args = ["split", "org/cfg", str(out), "-q", "--dtype", "bf16", "--keep-dtype", "*norm*", "--rename", "^model\\.=", "--verify"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    loaded = load_file(str(out / "model.safetensors"))
+    assert loaded["layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16 and loaded["norm.weight"].dtype == torch.float32
+    assert torch.equal(loaded["lm_head.weight"], state["lm_head.weight"].to(torch.bfloat16))
+
+
 def test_split_of_a_missing_repo_is_one_line(hub, tmp_path):
     result = CliRunner().invoke(main, ["split", "org/nothing", str(tmp_path / "out")])
     assert result.exit_code == 2

@@ -73,6 +73,8 @@ def validate(
         checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
     if deep or checksums:
         checkpoint = _check_data(source, selected, checkpoint, report, deep=deep, checksums=checksums)
+    if checkpoint is not None:
+        _check_tied(source, checkpoint, report, model_config)
     if checkpoint is not None and model_config:
         from .model import check_model
 
@@ -128,6 +130,28 @@ def _check_data(source, selected: str, checkpoint, report: Report, *, deep: bool
         written = " and no checksum manifest was written" if checksums and not os.path.exists(checksums) else ""
         report.add("nothing-checked", f"{what} read no tensor data{written}.", file=selected)
     return checkpoint
+
+
+def _check_tied(source, checkpoint, report: Report, model_config) -> None:
+    """Tied weights against the config.json given with ``model_config`` or beside a local checkpoint."""
+    import json
+
+    from .tied import check_tied
+
+    folder = getattr(source, "folder", None)
+    if model_config not in (None, False, True, "auto"):
+        path = os.fspath(model_config)
+    elif folder is not None:
+        path = os.path.join(folder, "config.json")
+    else:
+        return  # a Hub repo: its config is fetched only with --model-config
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return
+    # With --model-config, a missing head is the model check's model-missing-key already.
+    check_tied(checkpoint, config, report, read_bytes=folder is not None, head_expected=not model_config)
 
 
 def _locate_local(path: Path, subfolder: str | None, variant: str | None, revision: str | None):

@@ -56,6 +56,7 @@ def check_model(checkpoint: Checkpoint, config_path: str | None, report: Report)
     tied_names = {n for group in groups.values() for n in group}
     unexpected = [n for n in have if n not in expected and n not in tied_names and n not in non_persistent]
 
+    _check_declared_ties(checkpoint, groups, report)
     for name in missing[:MAX_LISTED]:
         report.add(
             "model-missing-key",
@@ -80,6 +81,37 @@ def check_model(checkpoint: Checkpoint, config_path: str | None, report: Report)
     ):
         if len(items) > MAX_LISTED:
             report.add(code, f"... and {len(items) - MAX_LISTED} more tensors with the same problem.")
+
+
+def _check_declared_ties(checkpoint: Checkpoint, groups: dict[str, tuple[str, ...]], report: Report) -> None:
+    """Names the model ties (shared parameters, ``all_tied_weights_keys``) stored as different tensors: an error,
+    since loading keeps one of them and silently discards the other."""
+    import os
+
+    from ..write.tied import Descriptors, same_tensor
+
+    seen: set[tuple[str, ...]] = set()
+    reported = {f.tensor for f in report.findings if f.code == "tied-head-differs"}  # by the config.json check
+    with Descriptors() as fds:
+        for group in groups.values():
+            if group in seen:
+                continue
+            seen.add(group)
+            stored = [n for n in group if n in checkpoint and checkpoint[n].alias_of is None]
+            if len(stored) < 2:
+                continue
+            first = checkpoint[stored[0]]
+            for name in stored[1:]:
+                other = checkpoint[name]
+                if name in reported or not all(os.path.isfile(e.file) for e in (first, other)):
+                    continue
+                if not same_tensor(first, other, fds):
+                    report.add(
+                        "tied-head-differs",
+                        f"the model ties this parameter to {first.name}, but the checkpoint holds other values for it: "
+                        "loading keeps one and silently discards the other.",
+                        tensor=name,
+                    )
 
 
 def _tied_groups(model) -> dict[str, tuple[str, ...]]:
