@@ -351,3 +351,51 @@ def test_buffers_of_offloaded_modules_that_do_not_fit_the_main_gpu_warn():
         infer_auto_device_map(model, max_memory={0: 400, "cpu": "1GB"}, match_accelerate=True, offload_buffers=True)
         infer_auto_device_map(model, max_memory={0: 4000, "cpu": "1GB"})  # everything fits: nothing offloaded
         infer_auto_device_map(model, max_memory={"cpu": 300})  # a CPU main device keeps buffers in host memory
+
+
+def test_offload_store_is_a_read_only_mapping_of_cpu_tensors(tmp_path):
+    from collections.abc import Mapping
+
+    from shardkit.bigmodel import OffloadStore, disk_offload
+
+    model = _outer()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    disk_offload(model, tmp_path, execution_device="cpu", offload_buffers=True)
+    store = OffloadStore.open(tmp_path)
+    assert isinstance(store, Mapping) and len(store) == len(list(store)) == len(state)
+    assert set(store) == set(state) and "first.inner.0.weight" in store and "nothing" not in store
+    for name, value in store.items():
+        assert value.device.type == "cpu" and torch.equal(value, state[name]), name
+    with pytest.raises(KeyError):
+        store["nothing"]
+    assert store == store and store != OffloadStore.open(tmp_path) and len({store}) == 1  # identity, hashable
+    assert dict(store.items()).keys() == state.keys()
+
+
+def test_moving_a_model_with_offloaded_blocks_is_refused_until_hooks_are_removed(tmp_path):
+    from shardkit.bigmodel import dispatch_model, remove_hooks
+
+    model = _outer()
+    want = model(X)
+    dispatch_model(model, {"first": "disk", "norm": "cpu", "second": "cpu"}, offload_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="offloaded to cpu or disk"):
+        model.to("cpu")
+    with pytest.raises(RuntimeError, match="offloaded to cpu or disk"):
+        model.cuda()
+    remove_hooks(model)
+    assert model.to(torch.float64) is model and "to" not in model.__dict__
+    torch.testing.assert_close(model(X.double()), want.double())
+
+
+def test_a_deep_copy_guards_its_own_moves(tmp_path):
+    import copy
+
+    from shardkit.bigmodel import dispatch_model, remove_hooks
+
+    model = _outer()
+    dispatch_model(model, {"first": "disk", "norm": "cpu", "second": "cpu"}, offload_dir=tmp_path)
+    copied = copy.deepcopy(model)
+    remove_hooks(model)
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match="offloaded"):
+        copied.to(torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,35 @@ def dispatch_model(
         Hook(model, None, streamer=streamer, io_same_device=True, main=options.main_device).attach()
     model._shardkit_streamer = streamer
     model._shardkit_offload = store
+    if offloaded:
+        _guard_moves(model)
     return model
+
+
+_MOVES = ("to", "cuda")
+
+
+def _guard_moves(model) -> None:
+    """Refuse ``model.to(...)`` / ``model.cuda()`` while offloaded blocks are hooked, as accelerate does: moving
+    would copy the at-rest tensors (host slabs, meta) and leave the hooks staging over them. Bound methods, so a
+    deep copy of the model checks its own blocks."""
+    for attr in _MOVES:
+        method = getattr(type(model), attr)
+
+        def guarded(self, *args, _method=method, **kwargs):
+            if any(m.__dict__.get("_shardkit_hook") is not None and m._shardkit_hook.offload for m in self.modules()):
+                raise RuntimeError(
+                    "You can't move a model that has some modules offloaded to cpu or disk: its offloaded blocks "
+                    "already run on the execution device; call shardkit.remove_hooks(model) first to move it"
+                )
+            return _method(self, *args, **kwargs)
+
+        model.__dict__[attr] = types.MethodType(guarded, model)
+
+
+def _unguard_moves(model) -> None:
+    for attr in _MOVES:
+        model.__dict__.pop(attr, None)
 
 
 def _streamer(main: torch.device, offloaded: list[Block], store, expert_cache) -> Streamer:
@@ -354,6 +383,7 @@ def remove_hook_from_module(module, recurse: bool = False):
         if streamer is not None:
             streamer.close()
             module._shardkit_streamer = None
+        _unguard_moves(module)
     return module
 
 
@@ -366,6 +396,7 @@ def _detach_all(model) -> None:
     if streamer is not None:
         streamer.close()
         model._shardkit_streamer = None
+    _unguard_moves(model)
 
 
 def remove_hooks(model) -> None:

@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -67,8 +68,16 @@ def stamp(path: str) -> dict:
     return {"size": size, "header_sha256": hashlib.sha256(prefix + header).hexdigest()}
 
 
-class OffloadStore:
-    """Disk-tier tensors by name, read with ``pread`` from files verified on open."""
+class OffloadStore(Mapping):
+    """Disk-tier tensors by name, read with ``pread`` from files verified on open.
+
+    A read-only ``Mapping`` of tensor name to a CPU tensor read on each access, as accelerate's
+    ``OffloadedWeightsLoader`` is (``store[name]``, ``name in store``, ``len``, iteration over names, in the order
+    they were stored); ``tensors`` holds where each one's bytes are. Equality is identity: comparing two stores
+    never reads their tensors.
+    """
+
+    __hash__ = object.__hash__
 
     def __init__(self, tensors: dict[str, Stored], stamps: dict[str, dict], folder: str | None = None) -> None:
         self.tensors = tensors
@@ -203,6 +212,26 @@ class OffloadStore:
         for file, offset, nbytes, at in info.locate(0, info.nbytes):
             self.read_into(file, offset, view[at : at + nbytes])
         return out
+
+    def __getitem__(self, name: str):
+        if name not in self.tensors:
+            raise KeyError(name)
+        return self.load(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return f"OffloadStore({len(self.tensors)} tensors, {len(self.stamps)} files, folder={self.folder!r})"
 
     def __deepcopy__(self, memo):
         return self  # read-only view of files: copies of a dispatched model share it
