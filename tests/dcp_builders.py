@@ -117,6 +117,47 @@ def build(out: str) -> None:
         dcp_to_torch_save(os.path.join(out, kind), os.path.join(out, kind + ".pt"))
 
 
+def write_dcp(folder: str | os.PathLike, tensors: dict[str, tuple[torch.Tensor, int | None]], parts: int = WORLD) -> None:
+    """A DCP folder laid out as ``FileSystemWriter`` lays one out, without process groups: each tensor cut into
+    ``parts`` chunks along its dim (``torch.tensor_split``; None: saved whole by rank 0), chunk ``i`` appended to
+    ``__{i}_0.distcp`` as a ``torch.save`` archive, and ``.metadata`` pickled from torch's own classes."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    os.makedirs(folder, exist_ok=True)
+    files = [io.BytesIO() for _ in range(parts)]
+    items, storage = {}, {}
+    for name, (tensor, dim) in tensors.items():
+        pieces = [tensor] if dim is None else list(torch.tensor_split(tensor, parts, dim))
+        chunks = []
+        for rank, piece in enumerate(pieces):
+            offsets = [0] * tensor.dim()
+            if dim is not None:
+                offsets[dim] = sum(p.shape[dim] for p in pieces[:rank])
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=piece.shape)
+            chunks.append(chunk)
+            start = files[rank].tell()
+            torch.save(piece.contiguous(), files[rank])
+            index = MetadataIndex(name, offsets, len(chunks) - 1)
+            storage[index] = _StorageInfo(f"__{rank}_0.distcp", start, files[rank].tell() - start)
+        items[name] = TensorStorageMetadata(TensorProperties(dtype=tensor.dtype), tensor.shape, chunks)
+    for rank, data in enumerate(files):
+        with open(os.path.join(folder, f"__{rank}_0.distcp"), "wb") as handle:
+            handle.write(data.getvalue())
+    metadata = Metadata(items, planner_data={name: (name,) for name in tensors}, storage_data=storage, version="1.0.0")
+    with open(os.path.join(folder, ".metadata"), "wb") as handle:
+        pickle.dump(metadata, handle)
+
+
 def flatten(state: dict, prefix: str = "") -> dict:
     """DCP's flat names for a nested state dict (``optim.param_groups.0.lr``): dict keys and list indexes joined by dots."""
     flat = {}

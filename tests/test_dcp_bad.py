@@ -57,11 +57,18 @@ class Boom:
     [
         pickle.dumps(Boom(), protocol=4),
         pickle.dumps({"state_dict_metadata": Boom()}, protocol=2),
-        # an allowed class fed something it never holds: BUILD on a plain dict is refused too
+        # BUILD on what an allowed name gives: a plain dict, a stand-in function, a record class, torch.Size (tuple)
         b"\x80\x04}(X\x01\x00\x00\x00ai\x01}b.",
+        b"\x80\x02cpathlib\nPosixPath\n}X\x05\x00\x00\x00_callK\x01sb.",
+        b"\x80\x02cpathlib\nPosixPath\nN}X\x05\x00\x00\x00_callK\x01s\x86b.",
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n}X\x07\x00\x00\x00versionK\x01sb.",
+        b"\x80\x02ctorch\nSize\n}X\x07\x00\x00\x00versionK\x01sb.",
+        # a record given a field it does not have
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81}X\x04\x00\x00\x00evilK\x01sb.",
     ],
 )
 def test_hostile_metadata_runs_nothing(tp, tmp_path, monkeypatch, payload):
+    shutil.copytree(tp, tp.parent / "clean")
     (tp / ".metadata").write_bytes(payload)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError) as caught:
@@ -69,6 +76,8 @@ def test_hostile_metadata_runs_nothing(tp, tmp_path, monkeypatch, payload):
     assert caught.value.code in ("unsafe-pickle", "dcp-metadata-invalid")
     assert str(tp / ".metadata") in str(caught.value)
     assert not (tmp_path / "PWNED").exists()
+    # and the stand-ins are unchanged for the next load
+    assert open_checkpoint(tp.parent / "clean").format == "dcp"
 
 
 def test_os_system_is_named_and_refused(tp):

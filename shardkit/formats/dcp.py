@@ -19,6 +19,7 @@ import io
 import math
 import os
 import re
+import struct
 from pathlib import Path
 from typing import BinaryIO
 
@@ -347,6 +348,7 @@ class _ChunkReader:
         self.tensors: dict[str, list[str]] = {}  # full path -> tensor names with a chunk there
         self._handles: dict[str, BinaryIO] = {}
         self._blobs: dict[tuple[str, int], dict[str, TensorEntry]] = {}
+        self._pickles: dict[tuple, object] = {}
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -405,43 +407,54 @@ class _ChunkReader:
         return entry
 
     def _torch_save_chunk(self, path: str, handle: BinaryIO, name: str, info: DcpStorageInfo) -> TensorEntry:
-        ref, _ = self._torch_save(path, handle, name, info)
+        ref = self._torch_save(path, handle, name, info)
         if not isinstance(ref, TensorRef):
             raise CheckpointError(path, f"chunk of {name!r} at byte {info.offset} holds no tensor", code="dcp-chunk-invalid")
         _check_view(path, name, ref)
         contiguous = _is_contiguous(ref.shape, ref.stride)
+        storage = dataclasses.replace(ref.storage, file=path, offset=info.offset + ref.storage.offset)
         return TensorEntry(
             name=name,
             dtype=ref.dtype,
             shape=tuple(ref.shape),
             nbytes=nbytes_of(ref.dtype, ref.shape) or 0,
             file=path,
-            offset=ref.storage.offset + ref.storage_offset * itemsize(ref.dtype) if contiguous else None,
-            storage=ref.storage,
+            offset=storage.offset + ref.storage_offset * itemsize(ref.dtype) if contiguous else None,
+            storage=storage,
             storage_offset=ref.storage_offset,
             stride=tuple(ref.stride),
         )
 
-    def _torch_save(self, path: str, handle: BinaryIO, name: str, info: DcpStorageInfo) -> tuple[object, dict]:
-        """Unpickle the ``torch.save`` zip at ``info`` with the weights-only allow-list; records get absolute offsets."""
+    def _torch_save(self, path: str, handle: BinaryIO, name: str, info: DcpStorageInfo) -> object:
+        """Unpickle the ``torch.save`` zip at ``info`` with the weights-only allow-list.
+
+        A tensor comes back with its storage record's offset relative to the chunk (see :meth:`_torch_save_chunk`).
+        Chunks of equal shape have byte-identical archives but for their data: each distinct ``data.pkl`` and
+        record layout is unpickled once.
+        """
         where = f"{name!r} at bytes [{info.offset}, {info.offset + info.length})"
+        span = _Span(handle.fileno(), info.offset, info.length)
         try:
-            records = zip_records(path, _Window(handle, info.offset, info.length), info.length)
-            records = {k: Record(k, info.offset + r.offset, r.size) for k, r in records.items()}
+            records = _fast_records(span)
+            if records is None:  # anything unusual: the general zip reader, with its precise errors
+                records = zip_records(path, _Window(handle, info.offset, info.length), info.length)
             prefix = _archive_prefix(path, records)
         except CheckpointError as exc:
             raise CheckpointError(path, f"{where}: {exc.problem}", code=exc.code) from None
         byteorder = records.get(f"{prefix}byteorder")
-        if byteorder is not None and os.pread(handle.fileno(), byteorder.size, byteorder.offset) != b"little":
+        if byteorder is not None and span.read(byteorder.offset, byteorder.size) != b"little":
             raise CheckpointError(path, f"{where} was saved big-endian; shardkit reads little-endian only", code="big-endian")
         pkl = records[f"{prefix}data.pkl"]
         if pkl.size > MAX_PICKLE_SIZE:
             raise CheckpointError(path, f"{where}: data.pkl is {pkl.size} bytes, over the limit", code="pickle-too-large")
-        data = os.pread(handle.fileno(), pkl.size, pkl.offset)
-        try:
-            return RestrictedUnpickler(path, data, records, prefix).load(), records
-        except CheckpointError as exc:
-            raise type(exc)(path, f"{where}: {exc.problem}", code=exc.code) from None
+        data = span.read(pkl.offset, pkl.size)
+        key = (data, prefix, tuple(sorted(records.values(), key=lambda r: r.name)))
+        if key not in self._pickles:
+            try:
+                self._pickles[key] = RestrictedUnpickler(path, data, records, prefix).load()
+            except CheckpointError as exc:
+                raise type(exc)(path, f"{where}: {exc.problem}", code=exc.code) from None
+        return self._pickles[key]
 
     def _safetensors_chunk(self, path: str, handle: BinaryIO, name: str, info: DcpStorageInfo) -> TensorEntry:
         key = (path, info.offset)
@@ -477,7 +490,7 @@ class _ChunkReader:
         if os.pread(handle.fileno(), 4, info.offset) != b"PK\x03\x04":
             return path, f"raw bytes ({info.length} B)"
         try:
-            value, _ = self._torch_save(path, handle, name, info)
+            value = self._torch_save(path, handle, name, info)
         except UnsafePickleError:
             return path, f"pickled object ({info.length} B; outside the weights-only allow-list, not read)"
         except CheckpointError as exc:
@@ -485,6 +498,74 @@ class _ChunkReader:
         if isinstance(value, (int, float, bool, str)) and len(repr(value)) <= 40:
             return path, f"{type(value).__name__} {value!r}"
         return path, f"pickled {type(value).__name__} ({info.length} B)"
+
+
+class _Span:
+    """Reads inside one chunk's ``[start, start + length)``, its first and last few KiB read once (where a torch.save
+    archive keeps its local headers, ``data.pkl`` and its zip directory)."""
+
+    EDGE = 4096
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self.fd, self.start, self.length = fd, start, length
+        self.head = os.pread(fd, min(length, self.EDGE), start)
+        self.tail_start = max(0, length - self.EDGE)
+        self.tail = (
+            self.head[self.tail_start :] if self.tail_start < len(self.head) else os.pread(fd, self.EDGE, start + self.tail_start)
+        )
+
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` in the chunk (fewer at its end)."""
+        size = max(0, min(size, self.length - offset))
+        if offset + size <= len(self.head):
+            return self.head[offset : offset + size]
+        if offset >= self.tail_start:
+            return self.tail[offset - self.tail_start : offset - self.tail_start + size]
+        return os.pread(self.fd, size, self.start + offset)
+
+
+def _fast_records(span: _Span) -> dict[str, Record] | None:
+    """The members of a plain stored zip (torch's layout) with offsets relative to the chunk, or None for anything
+    else (a comment, compression, zip64 member fields, bounds that do not hold): :func:`zip_records` decides then."""
+    tail = span.tail
+    if len(tail) < 22 or tail[-22:-18] != b"PK\x05\x06" or tail[-2:] != b"\x00\x00":
+        return None
+    count, cd_size, cd_offset = struct.unpack("<HII", tail[-12:-2])
+    if 0xFFFF in (count,) or 0xFFFFFFFF in (cd_size, cd_offset):
+        if len(tail) < 42 or tail[-42:-38] != b"PK\x06\x07":
+            return None
+        (z64,) = struct.unpack("<Q", tail[-34:-26])
+        record = span.read(z64, 56)
+        if len(record) < 56 or record[:4] != b"PK\x06\x06":
+            return None
+        count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
+    if cd_offset + cd_size > span.length or count > 64:
+        return None
+    directory = span.read(cd_offset, cd_size)
+    records, position = {}, 0
+    for _ in range(count):
+        fixed = directory[position : position + 46]
+        if len(fixed) < 46 or fixed[:4] != b"PK\x01\x02":
+            return None
+        method, size_c, size_u, name_len, extra_len, comment_len = struct.unpack("<H8xII3H", fixed[10:34])
+        (local,) = struct.unpack("<I", fixed[42:46])
+        name = directory[position + 46 : position + 46 + name_len]
+        position += 46 + name_len + extra_len + comment_len
+        if method != 0 or size_c != size_u or 0xFFFFFFFF in (size_u, local) or len(name) != name_len:
+            return None
+        header = span.read(local, 30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            return None
+        skip_name, skip_extra = struct.unpack("<HH", header[26:30])
+        data = local + 30 + skip_name + skip_extra
+        if data + size_u > span.length:
+            return None
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        records[text] = Record(text, data, size_u)
+    return records
 
 
 def _natural(name: str) -> list:

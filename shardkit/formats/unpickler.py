@@ -246,6 +246,13 @@ class RestrictedUnpickler(pickle._Unpickler):
 # A separate allow-list, used only for ``.metadata`` files: the state-dict unpickler above admits none of these.
 # Each class becomes a plain record that only BUILD (with a dict of its known fields, or TensorProperties' tuple)
 # can fill; no method of the record runs on unpickling and nothing is imported.
+#
+# A ``.metadata`` holds one record per chunk (hundreds of kilobytes for a 7B model), so it is read with the C
+# unpickler. It cannot restrict BUILD as the pure-Python one above does, so every object a pickle can reach is
+# made safe against it instead: records fill themselves through ``__setstate__`` (known fields only) and refuse
+# ``setattr``; the other stand-ins are sealed (``__setstate__`` raises, no ``__dict__``); the classes the pickle
+# can name (the records and ``tuple``) cannot take attributes through BUILD either (a function called unbound,
+# a read-only type). REDUCE and NEWOBJ can only call what ``find_class`` returns.
 
 
 class DcpRecord:
@@ -263,6 +270,15 @@ class DcpRecord:
             raise TypeError(f"unexpected state for {type(self).__name__}")
         for key, value in state.items():
             object.__setattr__(self, key, value)
+
+    def __setstate__(self, state: object) -> None:  # BUILD
+        self.fill(state)
+
+    def __getattr__(self, name: str):
+        # A field the pickle never set (NEWOBJ does not run __init__) reads as None, like a dataclass default.
+        if name in type(self).fields:
+            return None
+        raise AttributeError(name)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is read-only")
@@ -327,6 +343,18 @@ class DcpStorageMeta(DcpRecord):
     __slots__ = fields = ("checkpoint_id", "save_id", "load_id", "modules")
 
 
+class _Function(_Sealed):
+    """A stand-in function the pickle may call (REDUCE) but not rewrite (BUILD)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+
 def _only_str(*parts):
     # PosixPath(checkpoint dir) and _get_layout("torch.strided") become their strings.
     if not parts or not all(isinstance(part, str) for part in parts):
@@ -341,6 +369,9 @@ def _int_code(value):
     return value
 
 
+_STRINGS, _INT_CODE = _Function(_only_str), _Function(_int_code)
+
+
 def _dcp_allowed_globals() -> dict[tuple[str, str], object]:
     meta = "torch.distributed.checkpoint.metadata"
     allowed: dict[tuple[str, str], object] = {
@@ -351,14 +382,14 @@ def _dcp_allowed_globals() -> dict[tuple[str, str], object]:
         (meta, "TensorProperties"): DcpProperties,
         (meta, "MetadataIndex"): DcpIndex,
         (meta, "StorageMeta"): DcpStorageMeta,
-        (meta, "_MEM_FORMAT_ENCODING"): _int_code,
+        (meta, "_MEM_FORMAT_ENCODING"): _INT_CODE,
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): DcpStorageInfo,
-        ("torch.serialization", "_get_layout"): _only_str,
+        ("torch.serialization", "_get_layout"): _STRINGS,
         ("torch", "Size"): tuple,
-        ("pathlib", "PosixPath"): _only_str,
-        ("pathlib", "WindowsPath"): _only_str,
-        ("pathlib", "PurePosixPath"): _only_str,
-        ("pathlib", "PureWindowsPath"): _only_str,
+        ("pathlib", "PosixPath"): _STRINGS,
+        ("pathlib", "WindowsPath"): _STRINGS,
+        ("pathlib", "PurePosixPath"): _STRINGS,
+        ("pathlib", "PureWindowsPath"): _STRINGS,
     }
     for torch_name, dtype in FROM_TORCH_NAME.items():
         allowed[("torch", torch_name)] = _Dtype(dtype)
@@ -366,46 +397,14 @@ def _dcp_allowed_globals() -> dict[tuple[str, str], object]:
 
 
 _DCP_ALLOWED = _dcp_allowed_globals()
-_DCP_RECORDS = tuple(cls for cls in _DCP_ALLOWED.values() if isinstance(cls, type) and issubclass(cls, DcpRecord))
 
 
-class DcpMetadataUnpickler(pickle._Unpickler):
+class DcpMetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP ``.metadata`` file into :class:`DcpRecord` stand-ins, plain containers and strings.
 
-    Globals resolve only through ``_DCP_ALLOWED``; NEWOBJ creates only :class:`DcpRecord` stand-ins; BUILD fills
-    only their known fields. Persistent ids (there are none in ``.metadata``) are refused.
+    Globals resolve only through ``_DCP_ALLOWED`` (see the comment above for why BUILD is safe here too).
+    Persistent ids (there are none in ``.metadata``) are refused.
     """
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def _load_build(self):
-        state = self.stack.pop()
-        target = self.stack[-1]
-        if not isinstance(target, _DCP_RECORDS):
-            raise UnsafePickleError(
-                self._path,
-                f"pickle uses BUILD on a {type(target).__name__}, which DCP metadata never needs; nothing was executed",
-            )
-        target.fill(state)
-
-    def _load_newobj(self):
-        args = self.stack.pop()
-        cls = self.stack.pop()
-        if cls not in _DCP_RECORDS or args != ():
-            raise UnsafePickleError(self._path, "pickle creates an object DCP metadata never holds; nothing was executed")
-        self.append(cls())
-
-    def _load_newobj_ex(self):
-        kwargs = self.stack.pop()
-        args = self.stack.pop()
-        cls = self.stack.pop()
-        if cls not in _DCP_RECORDS or args != () or kwargs:
-            raise UnsafePickleError(self._path, "pickle creates an object DCP metadata never holds; nothing was executed")
-        self.append(cls())
-
-    dispatch[pickle.BUILD[0]] = _load_build
-    dispatch[pickle.NEWOBJ[0]] = _load_newobj
-    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
 
     def __init__(self, path: str, data: bytes) -> None:
         super().__init__(io.BytesIO(data))

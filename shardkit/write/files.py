@@ -15,13 +15,14 @@ import functools
 import os
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
 from ..fileio import write_all
 from ..formats.safetensors import build_header
 from ..formats.torchsave import PickledTensor, ZipWriter, state_dict_pickle
-from .assemble import assembled
+from .assemble import Bands, assembled
 from .byteio import Writeback, copy_buffered, copy_range
 from .derived import ComputedEntry, Reader
 from .plan import Plan, PlannedFile, PlannedTensor, safetensors_order
@@ -34,6 +35,7 @@ class Sources:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self.bands = Bands(2)  # for assembling chunked tensors (two: one being written, one being filled)
 
     def fd(self, path: str) -> int:
         if path not in self._fds:
@@ -174,7 +176,7 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
             if tensor.materialize:
                 crc = _write_materialized(fd, offset, tensor, sources)
             elif ranges is None:
-                crc = _write_assembled(fd, offset, tensor, sources, writeback)
+                crc = _write_assembled(fd, offset, tensor, sources, writeback, crc=True)
             else:  # through the buffer: the zip needs each record's CRC-32
                 crc, at = 0, offset
                 for file, start, length in ranges:
@@ -252,15 +254,28 @@ def _write_materialized(fd: int, offset: int, tensor: PlannedTensor, sources: So
     return zlib.crc32(data)
 
 
-def _write_assembled(fd: int, offset: int, tensor: PlannedTensor, sources: Sources, writeback: Writeback) -> int:
-    """Assemble a chunked tensor band by band (no torch), write it at ``offset`` and return its CRC-32."""
-    crc = 0
-    for piece in assembled(tensor.source, sources.fd):
-        write_all(fd, piece, offset)
-        crc = zlib.crc32(piece, crc)
-        offset += len(piece)
-        writeback.advance(offset)
-    return crc
+def _write_assembled(
+    fd: int, offset: int, tensor: PlannedTensor, sources: Sources, writeback: Writeback, crc: bool = False
+) -> int:
+    """Assemble a chunked tensor band by band (no torch) and write it at ``offset``; return its CRC-32 if ``crc``.
+
+    A writer thread writes each band while the next is assembled (two band buffers), so the row copies overlap
+    the writes, which wait on the disk.
+    """
+    value = 0
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for piece in assembled(tensor.source, sources.fd, bands=sources.bands):
+            if pending is not None:
+                pending.result()
+                writeback.advance(offset)
+            pending = writer.submit(write_all, fd, piece, offset)
+            if crc:
+                value = zlib.crc32(piece, value)
+            offset += len(piece)
+        if pending is not None:
+            pending.result()
+    return value
 
 
 @functools.cache
