@@ -14,7 +14,7 @@ import orjson
 
 from .errors import CheckpointError, UnsafePathError
 from .formats import open_file
-from .formats.dcp import is_dcp, read_dcp
+from .formats.dcp import hf_shard_files, is_dcp, read_dcp, read_hf_sharded
 from .naming import format_of_name, pick_checkpoint
 from .table import Checkpoint, FileInfo, IndexInfo, TensorEntry
 
@@ -38,6 +38,8 @@ def open_checkpoint(path: str | os.PathLike, *, variant: str | None = None, revi
         raise CheckpointError(source, "no such file or folder", code="missing-file")
     if is_dcp(target):
         return read_dcp(source, target)
+    if target.is_dir() and (shards := hf_shard_files(target)):
+        return read_hf_sharded(source, target, shards)
     if target.is_dir():
         target = _resolve_folder(_resolve_cache_repo(target, revision), variant)
     if target.name.endswith(".json"):

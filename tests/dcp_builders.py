@@ -20,6 +20,7 @@ FOLDERS = {
     "fsdp": "FSDP2-style training state: {'model': Shard(0) DTensors, 'optim': Adam state, 'step': 11}",
     "tp": "flat state dict: Shard(1), 3-D Shard(1), 2-D meshes, replicated and plain tensors",
     "st": "the 'tp' state dict saved with SerializationFormat.SAFETENSORS",
+    "hf": "the 'tp' state dict saved by HuggingFaceStorageWriter(save_distributed=True): shard-*.safetensors, no .metadata",
 }
 
 
@@ -93,9 +94,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         for kind in FOLDERS:
-            state = _state("tp" if kind == "st" else kind, rank)
-            fmt = SerializationFormat.SAFETENSORS if kind == "st" else SerializationFormat.TORCH_SAVE
-            writer = dcp.FileSystemWriter(os.path.join(out, kind), serialization_format=fmt)
+            state = _state("fsdp" if kind == "fsdp" else "tp", rank)
+            if kind == "hf":
+                writer = dcp.HuggingFaceStorageWriter(os.path.join(out, kind), save_distributed=True)
+            else:
+                fmt = SerializationFormat.SAFETENSORS if kind == "st" else SerializationFormat.TORCH_SAVE
+                writer = dcp.FileSystemWriter(os.path.join(out, kind), serialization_format=fmt)
             dcp.save(state, storage_writer=writer)
     finally:
         dist.destroy_process_group()
@@ -110,8 +114,8 @@ def build(out: str) -> None:
         port = probe.getsockname()[1]
     mp.spawn(_worker, args=(port, out), nprocs=WORLD)
     for kind in FOLDERS:
-        if kind == "st":
-            continue  # dcp_to_torch_save cannot read SAFETENSORS folders (torch's FileSystemReader fails on them)
+        if kind in ("st", "hf"):
+            continue  # dcp_to_torch_save cannot read these (torch's FileSystemReader fails on SAFETENSORS chunks)
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         dcp_to_torch_save(os.path.join(out, kind), os.path.join(out, kind + ".pt"))

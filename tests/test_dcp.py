@@ -51,7 +51,7 @@ def test_table_of_an_fsdp_checkpoint(dcp_folders):
 
 
 def test_tensor_parallel_layouts_are_not_byte_ranges(dcp_folders):
-    for name in ("tp", "st"):
+    for name in ("tp", "st", "hf"):
         checkpoint = open_checkpoint(dcp_folders / name)
         assert checkpoint["col.weight"].ranges is None  # Shard(1)
         assert checkpoint["mesh01.weight"].ranges is None  # 2x2 mesh [Shard(0), Shard(1)]
@@ -86,10 +86,10 @@ def test_split_keeps_the_model_group_and_equals_torch(dcp_folders, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in model_tensors().values())
 
 
-@pytest.mark.parametrize("name", ["tp", "st"])
+@pytest.mark.parametrize("name", ["tp", "st", "hf"])
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_every_layout_equals_torch(dcp_folders, tmp_path, name, fmt):
-    ref = reference(dcp_folders, "tp")  # "st" holds the same state dict, saved as safetensors chunks
+    ref = reference(dcp_folders, "tp")  # "st" and "hf" hold the same state dict, in torch's other two layouts
     summary = split(dcp_folders / name, tmp_path / "out", format=fmt, max_shard_size="400B", verify=True)
     assert summary.materialized == 0  # assembled without torch
     out = load_any(tmp_path / "out")
@@ -116,7 +116,7 @@ def test_dry_run_writes_nothing(dcp_folders, tmp_path):
 
 
 def test_shard0_and_assembly_run_without_torch(dcp_folders, tmp_path):
-    for name in ("fsdp", "tp", "st"):
+    for name in ("fsdp", "tp", "st", "hf"):
         for args in (
             ["inspect", str(dcp_folders / name)],
             ["split", str(dcp_folders / name), str(tmp_path / name), "--verify", "-q"],
@@ -129,7 +129,7 @@ def test_shard0_and_assembly_run_without_torch(dcp_folders, tmp_path):
 
 
 def test_validate_a_sound_folder(dcp_folders):
-    for name in ("fsdp", "tp", "st"):
+    for name in ("fsdp", "tp", "st", "hf"):
         report = validate(dcp_folders / name)
         assert report.ok and not report.findings, report.findings
         assert report.tensors_checked == (21 if name == "fsdp" else 8)

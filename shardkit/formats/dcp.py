@@ -23,6 +23,8 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
+import orjson
+
 from ..dtypes import DTYPE_BITS, itemsize, nbytes_of
 from ..errors import CheckpointError, UnsafePickleError
 from ..fileio import is_count
@@ -136,6 +138,71 @@ def model_group(checkpoint: Checkpoint) -> tuple[Checkpoint, str] | None:
     )
     narrowed = dataclasses.replace(checkpoint, entries=kept, key_paths={})
     return narrowed, note
+
+
+#: torch's ``HuggingFaceStorageWriter(save_distributed=True)``: each rank's chunks under plain names, no .metadata.
+HF_SHARD_RE = re.compile(r"^shard-(\d{5})-model-(\d{5})-of-(\d{5})\.safetensors$")
+
+#: Where that writer records each chunk's offsets in the global tensor (``__metadata__`` JSON).
+SHARDING_KEY = "DCP_SHARDING_INFO"
+
+
+def hf_shard_files(folder: Path) -> list[str]:
+    """The ``shard-NNNNN-model-NNNNN-of-NNNNN.safetensors`` files of a folder (torch's distributed HF layout)."""
+    return sorted((p.name for p in folder.iterdir() if HF_SHARD_RE.match(p.name)), key=_natural)
+
+
+def read_hf_sharded(source: str, folder: Path, names: list[str]) -> Checkpoint:
+    """The table of a folder written by torch's ``HuggingFaceStorageWriter(save_distributed=True)``.
+
+    Each file holds one chunk of each of its tensors, at the offsets its ``__metadata__["DCP_SHARDING_INFO"]``
+    gives; a tensor's global shape is where its chunks end (as torch's own reader infers it), and the chunks must
+    tile it.
+    """
+    from ..reader import resolve_in_folder
+    from .safetensors import read_safetensors
+
+    files, pieces = [], {}
+    for name in names:
+        path = str(resolve_in_folder(folder, name, index_path=str(folder)))
+        info, entries = read_safetensors(path)
+        info.format = "dcp"
+        files.append(info)
+        try:
+            sharding = orjson.loads((info.metadata or {})[SHARDING_KEY])
+        except (KeyError, orjson.JSONDecodeError):
+            raise CheckpointError(path, f"has no valid {SHARDING_KEY} in its __metadata__", code="dcp-metadata-invalid") from None
+        for entry in entries:
+            offsets = sharding.get(entry.name, {}).get("saved_offsets") if isinstance(sharding, dict) else None
+            if not isinstance(offsets, list) or len(offsets) != len(entry.shape) or not all(is_count(o) for o in offsets):
+                raise CheckpointError(
+                    path, f"{SHARDING_KEY} gives no valid saved_offsets for {entry.name!r}", code="dcp-metadata-invalid"
+                )
+            pieces.setdefault(entry.name, []).append(Chunk(offsets=tuple(offsets), sizes=entry.shape, entry=entry))
+    entries = {}
+    for name, chunks in pieces.items():
+        dtypes = {c.entry.dtype for c in chunks}
+        if len(dtypes) != 1:
+            raise CheckpointError(
+                folder, f"tensor {name!r} has chunks of several dtypes {sorted(dtypes)}", code="dcp-chunk-mismatch"
+            )
+        shape = tuple(max(c.offsets[d] + c.sizes[d] for c in chunks) for d in range(len(chunks[0].sizes)))
+        blocks = sorted({(c.offsets, c.sizes) for c in chunks})
+        check_tiling(str(folder), name, shape, blocks)
+        chunks.sort(key=lambda c: c.offsets)
+        dtype = dtypes.pop()
+        whole = [c for c in chunks if c.sizes == shape]
+        base = whole[0].entry if len(whole) == 1 else None
+        entries[name] = TensorEntry(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            nbytes=nbytes_of(dtype, shape) or 0,
+            file=base.file if base else next((c.entry.file for c in chunks if c.numel), chunks[0].entry.file),
+            offset=base.offset if base else None,
+            chunks=tuple(whole) if base else tuple(chunks),
+        )
+    return Checkpoint(source=source, format="dcp", entries=entries, files=files, root=str(folder))
 
 
 def dcp_folder(path: Path) -> Path:

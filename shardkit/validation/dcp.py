@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..formats.dcp import METADATA_NAME, dcp_folder, read_dcp
+from ..formats.dcp import METADATA_NAME, dcp_folder, hf_shard_files, read_dcp, read_hf_sharded
 from ..table import Checkpoint
 from .report import Report
 
@@ -21,7 +21,7 @@ def is_dcp_target(path: Path) -> bool:
     folder = dcp_folder(path)
     if path.name == METADATA_NAME or (folder / METADATA_NAME).exists():
         return True
-    return folder.is_dir() and any(name.endswith(".distcp") for name in os.listdir(folder))
+    return folder.is_dir() and (any(name.endswith(".distcp") for name in os.listdir(folder)) or bool(hf_shard_files(folder)))
 
 
 def check_dcp(path: Path, report: Report) -> Checkpoint | None:
@@ -33,8 +33,14 @@ def check_dcp(path: Path, report: Report) -> Checkpoint | None:
         return os.path.relpath(file, folder) if os.path.isabs(file) else file
 
     problems: list[CheckpointError] = []
+    hf_shards = [] if (folder / METADATA_NAME).exists() or path.name == METADATA_NAME else hf_shard_files(folder)
+    if hf_shards:
+        report.checkpoint = hf_shards[0]
     try:
-        checkpoint = read_dcp(str(path), path, problems=problems)
+        if hf_shards:  # torch's distributed HF layout: its safetensors headers are the metadata
+            checkpoint = read_hf_sharded(str(path), folder, hf_shards)
+        else:
+            checkpoint = read_dcp(str(path), path, problems=problems)
     except CheckpointError as exc:
         report.add(exc.code, f"{exc.problem}.", file=shown(exc.path))
         return None
@@ -44,6 +50,6 @@ def check_dcp(path: Path, report: Report) -> Checkpoint | None:
     for name in sorted(os.listdir(folder)):
         if name.endswith(".distcp") and name not in used and not problems:
             report.add("stale-shard", ".metadata stores nothing in this file (left over from another save?).", file=name)
-    report.files_checked = len(checkpoint.files) + 1
+    report.files_checked = len(checkpoint.files) + (0 if hf_shards else 1)
     report.tensors_checked = len(checkpoint)
     return checkpoint
