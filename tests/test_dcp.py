@@ -229,3 +229,24 @@ def test_memory_is_bounded_by_the_buffers_not_the_tensors(tmp_path):
         # 8 MiB bands); holding one 48 MiB tensor would take the process past 68 MiB
         limit = 40 if name == "rows" else 56
         assert peak < limit * 2**20, (name, peak / 2**20)
+
+
+def test_dispatch_with_a_disk_tier_from_dcp(dcp_folders, tmp_path):
+    from shardkit.bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+
+    ref = reference(dcp_folders, "tp")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.col = torch.nn.Linear(10, 8, bias=False)
+            self.mesh01 = torch.nn.Linear(8, 6, bias=False)
+
+    with init_empty_weights():
+        model = Model()
+    model = load_checkpoint_and_dispatch(
+        model, dcp_folders / "tp", device_map={"col": "cpu", "mesh01": "disk"}, offload_folder=tmp_path, strict=False
+    )
+    x = torch.randn(2, 8)
+    assert same(model.col.weight.data, ref["col.weight"])
+    assert torch.equal(model.mesh01(x), x @ ref["mesh01.weight"].T)
