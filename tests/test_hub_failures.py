@@ -269,11 +269,25 @@ def test_bin_on_a_server_that_ignores_range_goes_over_the_wire_once(hub, tmp_pat
     assert "the server ignored Range" in CliRunner().invoke(main, ["validate", "org/bin"]).output
 
 
-def test_bin_on_a_server_that_honours_range_reads_little(hub, tmp_path):
+def test_bin_of_many_records_is_streamed_after_a_few_ranges(hub, tmp_path):
+    from shardkit.hub.remote import RangeFile
+
+    path = _bin_repo(hub, tmp_path)  # 300 records: 300 round trips by ranges
+    report = validate("org/bin")
+    assert report.findings == [] and report.tensors_checked == 300 and not report.server_ignored_range
+    assert len(_cdn_gets(hub)) <= RangeFile.MAX_REQUESTS + 2  # a few ranges, then the rest in one request
+    # About one file's size: the first ranges (the 100 kB prefix, a few 16 kB blocks) plus the rest once.
+    assert report.bytes_downloaded <= path.stat().st_size + 100_000 + RangeFile.MAX_REQUESTS * RangeFile.BLOCK
+
+
+def test_a_large_bin_stays_on_ranges(hub, tmp_path, monkeypatch):
+    from shardkit.hub.remote import RangeFile
+
+    monkeypatch.setattr(RangeFile, "STREAM_LIMIT", 1 << 20)  # as a multi-GB file: only its last MiB is streamed
     path = _bin_repo(hub, tmp_path, records=20, numel=65536)  # 256 kB records: one 16 kB range each
     report = validate("org/bin")
-    assert report.findings == [] and not report.server_ignored_range
-    assert report.bytes_downloaded < path.stat().st_size / 4
+    assert report.findings == [] and report.tensors_checked == 20
+    assert report.bytes_downloaded < (1 << 20) + 20 * RangeFile.BLOCK + 100_000 < path.stat().st_size / 2
 
 
 def test_long_header_on_a_server_that_ignores_range_takes_one_request(hub):

@@ -255,14 +255,19 @@ class HubRepo:
 class RangeFile(io.RawIOBase):
     """A read-only, seekable view of a remote file that fetches :data:`BLOCK`-sized ranges on demand.
 
-    A zip is read from its end, then record by record, so a server that ignores ``Range`` (each request restarts
-    from byte 0) would send the file again for every read. Once the server is seen to ignore ``Range``, or when
-    ``whole`` (the rest of a whole-file answer) is given, the file is instead streamed once into a temporary file
-    and read from there: one file's size over the wire, bounded memory, the disk space of one file.
+    A zip is read from its end, then record by record: one small range per record's local header. Each range is
+    a round trip (two on the Hub, whose LFS files redirect), so once :data:`MAX_REQUESTS` ranges were asked for
+    one file and at most :data:`STREAM_LIMIT` bytes of it remain, the rest is streamed in one request instead:
+    a 19 MB ``.bin`` of 300 records costs one file's size, not 300 round trips; a multi-GB one stays on ranges.
+    A server that ignores ``Range`` (each request restarts from byte 0) would send the file again for every
+    read: once it is seen to, or when ``whole`` (the rest of a whole-file answer) is given, the file is streamed
+    once. Streamed bytes go to a temporary file: bounded memory, the disk space of (the rest of) one file.
     """
 
     BLOCK = 16 * 1024
     MAX_BLOCKS = 256  # cache bound: 4 MiB
+    MAX_REQUESTS = 8
+    STREAM_LIMIT = 32 * 1024 * 1024
 
     def __init__(self, fetcher: Fetcher, url: str, size: int, *, name: str, head: bytes = b"", whole=None) -> None:
         super().__init__()
@@ -270,19 +275,26 @@ class RangeFile(io.RawIOBase):
         self._pos = 0
         self._head = head  # bytes [0, len(head)) already fetched
         self._blocks: dict[int, bytes] = {}
+        self._requests = 0
         self._spool = None
+        self._spool_start = 0  # the spool holds bytes [_spool_start, size)
         if whole is not None:
-            self._fill_spool(whole)
+            self._fill_spool(0, whole)
 
-    def _fill_spool(self, whole=None) -> None:
-        self._spool = tempfile.TemporaryFile(prefix="shardkit-hub-")
-        self._spool.write(self._head)
-        rest = self._size - len(self._head)
+    def _fill_spool(self, start: int, whole=None) -> None:
+        """Stream bytes ``[start, size)`` into the spool (``whole``: go on reading that answer instead)."""
+        spool = tempfile.TemporaryFile(prefix="shardkit-hub-")
+        begin = start
+        if start == 0:
+            spool.write(self._head)
+            begin = len(self._head)
+        rest = self._size - begin
         if whole is not None:
-            whole.copy_to(self._spool, rest)
+            whole.copy_to(spool, rest)
         elif rest > 0:
-            with self._fetcher.open(self._url, len(self._head), rest, name=self._name) as body:
-                body.copy_to(self._spool, rest)
+            with self._fetcher.open(self._url, begin, rest, name=self._name) as body:
+                body.copy_to(spool, rest)
+        self._spool, self._spool_start = spool, start
         self._blocks.clear()
 
     def close(self) -> None:
@@ -309,14 +321,18 @@ class RangeFile(io.RawIOBase):
         want = min(len(view), max(0, self._size - self._pos))
         if want <= 0:
             return 0
-        if self._spool is None and self._fetcher.range_ignored and self._pos + want > len(self._head):
-            self._fill_spool()
-        if self._spool is not None:
-            self._spool.seek(self._pos)
+        if self._spool is None and self._pos + want > len(self._head):
+            if self._fetcher.range_ignored:
+                self._fill_spool(0)
+            elif self._requests >= self.MAX_REQUESTS and self._size - self._pos <= self.STREAM_LIMIT:
+                self._fill_spool(self._pos)
+        if self._spool is not None and self._pos >= self._spool_start:
+            self._spool.seek(self._pos - self._spool_start)
             want = self._spool.readinto(view[:want])
         elif self._pos + want <= len(self._head):
             view[:want] = self._head[self._pos : self._pos + want]
         elif want > self.BLOCK * 4:  # a big read (data.pkl): one exact range, not cached
+            self._requests += 1
             data = self._fetcher.read_range(self._url, self._pos, want, name=self._name)
             view[: len(data)] = data
             want = len(data)
@@ -339,6 +355,7 @@ class RangeFile(io.RawIOBase):
             if len(self._blocks) >= self.MAX_BLOCKS:
                 self._blocks.pop(next(iter(self._blocks)))
             start = index * self.BLOCK
+            self._requests += 1
             self._blocks[index] = self._fetcher.read_range(self._url, start, min(self.BLOCK, self._size - start), name=self._name)
         return self._blocks[index]
 
