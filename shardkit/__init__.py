@@ -31,6 +31,8 @@ _EXPORTS = {
     "Report": "shardkit.validation.report",
     "Finding": "shardkit.validation.report",
     "download_checkpoint": "shardkit.hub.download",
+    "open_remote_checkpoint": "shardkit.sources",
+    "open_source": "shardkit.sources",
     "ShardkitError": "shardkit.errors",
     "CheckpointError": "shardkit.errors",
     "NotACheckpointError": "shardkit.errors",

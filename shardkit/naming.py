@@ -12,6 +12,8 @@ import os
 import re
 from typing import Literal
 
+from .errors import CheckpointError
+
 #: The formats shardkit writes: ``.safetensors`` files or torch zip ``.bin`` files.
 OutputFormat = Literal["safetensors", "bin"]
 
@@ -107,4 +109,44 @@ def pick_checkpoint(names: list[str], variant: str | None = None) -> str | None:
             return group[0]
         if len(group) > 1:
             raise ValueError(", ".join(group[:4]) + (", ..." if len(group) > 4 else ""))
+    return None
+
+
+def select_checkpoint(names: list[str], label: str, variant: str | None = None, *, hint: str = "") -> str:
+    """:func:`pick_checkpoint` or raise: ``ambiguous`` when ``names`` hold several checkpoints, ``no-checkpoint``
+    when none. ``label`` names the folder or repo in the error; ``hint`` ends the ambiguous message (what to pass)."""
+    try:
+        selected = pick_checkpoint(names, variant)
+    except ValueError as exc:
+        raise CheckpointError(label, f"holds several checkpoints ({exc}){hint}", code="ambiguous") from None
+    if selected is None:
+        what = f" for variant {variant!r}" if variant else ""
+        raise CheckpointError(label, f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
+    return selected
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``org/name`` with no path-like parts (a path that exists locally always wins over a repo id)."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not any(p in (".", "..") for p in parts)
+
+
+def checkpoint_family(path: str) -> tuple[str, str, str] | None:
+    """``(folder, stem with variant, suffix)`` of a checkpoint file or index path, or None for other files.
+
+    ``model-00001-of-00002.safetensors``, ``model.safetensors`` and ``model.safetensors.index.json`` are all
+    ``("", "model", ".safetensors")``; ``model.fp16-00001-of-00002.safetensors`` and
+    ``model.safetensors.index.fp16.json`` are ``("", "model.fp16", ".safetensors")``.
+    """
+    folder, _, name = path.rpartition("/")
+    index = INDEX_RE.match(name)
+    if index:
+        stem, _, suffix = index["base"].rpartition(".")
+        return folder, f"{stem}.{index['variant']}" if index["variant"] else stem, "." + suffix
+    shard = parse_shard_name(name)
+    if shard is not None and shard[3] in CHECKPOINT_SUFFIXES:
+        return folder, shard[0], shard[3]
+    if name.endswith(CHECKPOINT_SUFFIXES) and "." in name:
+        stem, _, suffix = name.rpartition(".")
+        return folder, stem, "." + suffix
     return None

@@ -8,14 +8,15 @@ torch.distributed.checkpoint folder (or its ``.metadata`` file).
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import orjson
 
-from .errors import CheckpointError, UnsafePathError
+from .errors import CheckpointError
 from .formats import open_file
 from .formats.dcp import hf_shard_files, is_dcp, read_dcp, read_hf_sharded
-from .naming import format_of_name, pick_checkpoint
+from .naming import format_of_name, select_checkpoint
+from .paths import check_relative_name, resolve_cache_repo, resolve_in_folder
 from .table import Checkpoint, FileInfo, IndexInfo, TensorEntry
 
 #: Index files hold names and file names only; a real one is far below this.
@@ -41,7 +42,7 @@ def open_checkpoint(path: str | os.PathLike, *, variant: str | None = None, revi
     if target.is_dir() and (shards := hf_shard_files(target)):
         return read_hf_sharded(source, target, shards)
     if target.is_dir():
-        target = _resolve_folder(_resolve_cache_repo(target, revision), variant)
+        target = _resolve_folder(resolve_cache_repo(target, revision), variant)
     if target.name.endswith(".json"):
         return _open_index(source, target)
     return assemble_checkpoint(source, [(target.name, *open_file(str(target)))], root=str(target.parent))
@@ -82,81 +83,19 @@ def parse_index(path: str, data: bytes) -> IndexInfo:
     return IndexInfo(path=path, metadata=metadata, weight_map=weight_map)
 
 
-def resolve_in_folder(folder: Path, name: str, *, index_path: str) -> Path:
-    """The file ``name`` (from an index) inside ``folder``; refuses names that could leave the folder.
-
-    Absolute paths, drive letters and ``..`` are refused however they are spelled (Windows or POSIX). A symlink
-    may only lead outside the folder into the blob store of the Hugging Face cache the folder belongs to.
-    """
-    check_relative_name(name, index_path=index_path)
-    candidate = folder / name
-    real, allowed = os.path.realpath(candidate), _allowed_roots(folder)
-    if not any(real == root or real.startswith(root + os.sep) for root in allowed):
-        raise UnsafePathError(index_path, f"{name!r} is a symlink to {real}, outside the checkpoint folder")
-    return candidate
-
-
-def check_relative_name(name: str, *, index_path: str) -> None:
-    """Refuse a file name from an index that could leave its folder: absolute, drive letter or ``..``, any spelling."""
-    windows, posix = PureWindowsPath(name), PurePosixPath(name)
-    if not name or windows.is_absolute() or windows.drive or posix.is_absolute() or ".." in windows.parts or ".." in posix.parts:
-        raise UnsafePathError(index_path, f"weight_map names {name!r}, which points outside the checkpoint folder")
-
-
-def _allowed_roots(folder: Path) -> list[str]:
-    """The folder itself and, inside a Hugging Face cache snapshot, the blob store of that one repo.
-
-    ``<repo>/snapshots/<commit>/[sub/folders/]file -> ../../[../]blobs/<hash>``: a checkpoint in a subfolder of a
-    snapshot (``text_encoder/``) links as far up as its repo's ``blobs/``, never to another repo's.
-    """
-    roots = [os.path.realpath(folder)]
-    here = Path(os.path.abspath(folder))
-    for snapshot in (here, *here.parents):  # the nearest <repo>/snapshots/<commit> at or above the folder
-        if snapshot.parent.name == "snapshots" and (snapshot.parent.parent / "blobs").is_dir():
-            roots.append(os.path.realpath(snapshot.parent.parent / "blobs"))
-            break
-    return roots
-
-
-def _resolve_cache_repo(folder: Path, revision: str) -> Path:
-    """A ``models--org--name`` cache folder -> its snapshot folder for ``revision`` (a branch, tag or commit)."""
-    snapshots = folder / "snapshots"
-    if not folder.name.startswith(("models--", "datasets--", "spaces--")) or not snapshots.is_dir():
-        return folder
-    ref = folder / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = snapshots / commit
-    if not snapshot.is_dir() and revision == "main" and not ref.exists():
-        # Files fetched pinned to a commit leave no refs/main (shardkit 0.1, other tools): one snapshot is
-        # unambiguous.
-        only = [p for p in snapshots.iterdir() if p.is_dir()]
-        if len(only) == 1:
-            snapshot = only[0]
-    if not snapshot.is_dir():
-        raise CheckpointError(str(folder), f"cache holds no snapshot for revision {revision!r}", code="missing-file")
-    return snapshot
-
-
 def _resolve_folder(folder: Path, variant: str | None) -> Path:
     """The file or index that holds a folder's checkpoint, in transformers' order of preference."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
     try:
-        selected = pick_checkpoint([p.name for p in folder.iterdir() if p.is_file()], variant)
-    except ValueError as exc:
-        raise CheckpointError(
-            str(folder), f"holds several checkpoints ({exc}); pass the file or index to use", code="ambiguous"
-        ) from None
-    if selected is None and any(p.name.endswith(".distcp") for p in folder.iterdir()):
-        raise CheckpointError(
-            str(folder / ".metadata"),
-            "is missing: the folder holds DCP .distcp files, which cannot be read without it",
-            code="dcp-metadata-missing",
-        )
-    if selected is None:
-        what = f" for variant {variant!r}" if variant else ""
-        raise CheckpointError(
-            str(folder), f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint"
-        )
-    return folder / selected
+        return folder / select_checkpoint(names, str(folder), variant, hint="; pass the file or index to use")
+    except CheckpointError as exc:
+        if exc.code == "no-checkpoint" and any(name.endswith(".distcp") for name in names):
+            raise CheckpointError(
+                str(folder / ".metadata"),
+                "is missing: the folder holds DCP .distcp files, which cannot be read without it",
+                code="dcp-metadata-missing",
+            ) from None
+        raise
 
 
 def _open_index(source: str, index_path: Path) -> Checkpoint:
@@ -195,9 +134,9 @@ def assemble_checkpoint(
     # Aliases declared by writers that drop shared tensors: huggingface_hub in the index metadata (or a single
     # file's __metadata__), the safetensors conversion script in each shard's __metadata__ (while still listing
     # the name in weight_map).
-    _add_declared_aliases(checkpoint, index.metadata if index else {})
+    add_declared_aliases(checkpoint, index.metadata if index else {})
     for info in checkpoint.files:
-        _add_declared_aliases(checkpoint, info.metadata or {})
+        add_declared_aliases(checkpoint, info.metadata or {})
     for name, file_name in (index.weight_map if index else {}).items():
         if name not in checkpoint.entries:
             raise CheckpointError(
@@ -218,7 +157,7 @@ def _add_entries(checkpoint: Checkpoint, entries: list[TensorEntry], *, index_pa
         checkpoint.entries[entry.name] = entry
 
 
-def _add_declared_aliases(checkpoint: Checkpoint, metadata: dict) -> None:
+def add_declared_aliases(checkpoint: Checkpoint, metadata: dict) -> None:
     """Add ``{dropped_name: kept_name}`` records from metadata as alias entries of the kept tensor."""
     for alias, kept in metadata.items():
         if alias in _RESERVED_METADATA or not isinstance(kept, str) or alias in checkpoint.entries:
@@ -239,3 +178,19 @@ def _add_declared_aliases(checkpoint: Checkpoint, metadata: dict) -> None:
             stride=target.stride,
             alias_of=target.name,
         )
+
+
+#: Kept for callers of the former private names.
+_resolve_cache_repo = resolve_cache_repo
+_add_declared_aliases = add_declared_aliases
+__all__ = [
+    "open_checkpoint",
+    "read_index",
+    "parse_index",
+    "assemble_checkpoint",
+    "add_declared_aliases",
+    "resolve_in_folder",
+    "check_relative_name",
+    "resolve_cache_repo",
+    "MAX_INDEX_SIZE",
+]

@@ -30,6 +30,7 @@ import torch
 
 from . import slab
 from .measure import is_experts_module
+from .transfer import move
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ def routed_forward(hook, args, kwargs):
     block, streamer = hook.block, hook.streamer
     layout: ExpertLayout = block.experts
     if hook.device is not None:
-        from .hooks import move
-
         args, kwargs = move(args, hook.device), move(kwargs, hook.device, hook.skip)
     _, index = _routing(args, kwargs)
     chosen = [e for e in torch.unique(index).tolist() if 0 <= e < layout.count]  # the one host sync per layer

@@ -25,6 +25,7 @@ from ..errors import ShardkitError
 from . import slab
 from .experts import routed_forward
 from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, disk_ring
+from .transfer import move
 
 
 class OutOfMemoryError(ShardkitError, torch.OutOfMemoryError):
@@ -267,25 +268,6 @@ def split_pieces(runs: list, nbytes: int, piece: int) -> list[tuple[int, int, li
 
 def _wrap(tensor, is_param: bool):
     return torch.nn.Parameter(tensor, requires_grad=False) if is_param else tensor
-
-
-def move(obj, device, skip: frozenset = frozenset()):
-    """``obj`` with every tensor inside tuples, lists and dicts on ``device`` (other objects untouched)."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=device.type == "cuda")
-    if type(obj) is dict:
-        return {k: v if k in skip else move(v, device) for k, v in obj.items()}
-    if isinstance(obj, dict):  # ModelOutput and friends: update in place, they may not be rebuildable from a dict
-        for key in list(obj.keys()):
-            if key not in skip:
-                obj[key] = move(obj[key], device)
-        return obj
-    if isinstance(obj, tuple):
-        items = [move(x, device) for x in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    if isinstance(obj, list):
-        return [move(x, device) for x in obj]
-    return obj
 
 
 def first_device(args, kwargs):

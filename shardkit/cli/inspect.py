@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
-from ..hub.remote import looks_like_repo_id
 from ..inspect import split_dims, summarize
-from ..reader import open_checkpoint
+from ..sources import open_source, read_table
 from ..units import format_size
 from . import emit_json, hub_options
 
@@ -34,14 +31,8 @@ def inspect_command(
     PATH is a .safetensors/.bin/.pt file, an *.index.json file, a folder holding one, or a Hub repo id
     (org/name) when no such local path exists; a repo's shard headers are read with HTTP range requests.
     """
-    if not os.path.exists(path) and looks_like_repo_id(path):
-        from ..hub.remote import open_remote_checkpoint
-
-        checkpoint = open_remote_checkpoint(
-            path, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
-        )
-    else:
-        checkpoint = open_checkpoint(path, variant=variant)
+    source = open_source(path, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+    checkpoint = read_table(source, variant)
     summary = summarize(checkpoint)
     if list_tensors:
         summary["tensor_list"] = [

@@ -183,23 +183,18 @@ def source_checkpoint(src: str, *, revision, subfolder, variant, repo_type, toke
     downloaded; otherwise its checkpoint files downloaded into the Hugging Face cache, or found there offline)."""
     import os
 
-    from ..hub.remote import looks_like_repo_id
     from ..reader import open_checkpoint
+    from ..sources import is_hub_id, open_source, read_table
 
-    if os.path.exists(src) or not looks_like_repo_id(src):
-        return open_checkpoint(os.path.join(src, subfolder) if subfolder else src, variant=variant, revision=revision or "main")
-    if dry_run:
-        from ..hub.remote import open_remote_checkpoint
+    if is_hub_id(src) and not dry_run:
+        from ..hub import download_checkpoint
 
-        return open_remote_checkpoint(
-            src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
-        )
-    from ..hub import download_checkpoint
-
-    if quiet:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    folder = download_checkpoint(src, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
-    return open_checkpoint(folder, variant=variant)
+        if quiet:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        kwargs = dict(revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
+        return open_checkpoint(download_checkpoint(src, **kwargs), variant=variant)
+    # local files, or a dry run of a repo: its table from headers, nothing downloaded
+    return read_table(open_source(src, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token), variant)
 
 
 def report(summary: WriteSummary, as_json: bool) -> None:

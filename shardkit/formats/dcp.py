@@ -159,7 +159,7 @@ def read_hf_sharded(source: str, folder: Path, names: list[str]) -> Checkpoint:
     gives; a tensor's global shape is where its chunks end (as torch's own reader infers it), and the chunks must
     tile it.
     """
-    from ..reader import resolve_in_folder
+    from ..paths import resolve_in_folder
     from .safetensors import read_safetensors
 
     files, pieces = [], {}
@@ -422,7 +422,7 @@ class _ChunkReader:
             handle.close()
 
     def _open(self, name: str, info: DcpStorageInfo) -> tuple[str, BinaryIO]:
-        from ..reader import resolve_in_folder
+        from ..paths import resolve_in_folder
 
         rel = info.relative_path
         if rel not in self._handles:

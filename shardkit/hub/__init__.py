@@ -5,7 +5,8 @@ data; :func:`~shardkit.hub.download.download_checkpoint` fetches just the checkp
 huggingface_hub's cache. Everything goes through huggingface_hub (``HF_ENDPOINT``, tokens, offline mode).
 """
 
+from ..sources import open_remote_checkpoint
 from .download import download_checkpoint
-from .remote import HubRepo, looks_like_repo_id, open_remote_checkpoint
+from .remote import HubRepo, looks_like_repo_id
 
 __all__ = ["HubRepo", "download_checkpoint", "looks_like_repo_id", "open_remote_checkpoint"]

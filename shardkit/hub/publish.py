@@ -32,7 +32,7 @@ from typing import Literal
 
 from ..errors import CheckpointError, HubError, ShardkitError
 from ..hashing import sha256_files_progress
-from ..naming import CHECKPOINT_SUFFIXES, INDEX_RE, parse_shard_name
+from ..naming import checkpoint_family
 from .http import hub_endpoint, is_hub_failure, network_errors, translate
 
 #: huggingface_hub documents 25k LFS files per commit; stay well below.
@@ -126,27 +126,6 @@ class PushResult:
 
 
 # -- checkpoint families ----------------------------------------------------------------------------------------
-
-
-def checkpoint_family(path: str) -> tuple[str, str, str] | None:
-    """``(folder, stem with variant, suffix)`` of a checkpoint file or index path, or None for other files.
-
-    ``model-00001-of-00002.safetensors``, ``model.safetensors`` and ``model.safetensors.index.json`` are all
-    ``("", "model", ".safetensors")``; ``model.fp16-00001-of-00002.safetensors`` and
-    ``model.safetensors.index.fp16.json`` are ``("", "model.fp16", ".safetensors")``.
-    """
-    folder, _, name = path.rpartition("/")
-    index = INDEX_RE.match(name)
-    if index:
-        stem, _, suffix = index["base"].rpartition(".")
-        return folder, f"{stem}.{index['variant']}" if index["variant"] else stem, "." + suffix
-    shard = parse_shard_name(name)
-    if shard is not None and shard[3] in CHECKPOINT_SUFFIXES:
-        return folder, shard[0], shard[3]
-    if name.endswith(CHECKPOINT_SUFFIXES) and "." in name:
-        stem, _, suffix = name.rpartition(".")
-        return folder, stem, "." + suffix
-    return None
 
 
 def bin_family(family: tuple[str, str, str]) -> tuple[str, str, str] | None:

@@ -19,9 +19,10 @@ from ..errors import CheckpointError
 from ..formats import sniff
 from ..formats.safetensors import header_problems, parse_header, parse_header_length
 from ..formats.torchzip import read_torch_zip
-from ..naming import INDEX_RE, pick_checkpoint
-from ..reader import MAX_INDEX_SIZE, assemble_checkpoint, check_relative_name, parse_index
-from ..table import Checkpoint, FileInfo, IndexInfo, TensorEntry
+from ..naming import INDEX_RE, looks_like_repo_id, select_checkpoint
+from ..paths import check_relative_name
+from ..reader import MAX_INDEX_SIZE, parse_index
+from ..table import FileInfo, IndexInfo, TensorEntry
 from .http import Fetcher, bounded_session, hub_endpoint, is_hub_failure, metadata_timeout, translate
 
 #: First request per file: the hub's own heuristic (huggingface_hub PR #1855).
@@ -30,12 +31,6 @@ PREFIX = 100_000
 WORKERS = 8
 #: config.json and other small JSON files fetched whole.
 MAX_CONFIG_SIZE = 16 * 1024 * 1024
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """``org/name`` with no path-like parts (a path that exists locally always wins over a repo id)."""
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not any(p in (".", "..") for p in parts)
 
 
 class HubRepo:
@@ -125,6 +120,15 @@ class HubRepo:
         sizes = [getattr(i, "size", None) for i in infos if getattr(i, "path", None) == path]
         return sizes[0] if sizes else None
 
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of ``name`` at ``offset``, by one HTTP range request."""
+        data = self.fetcher.read_range(self.url(name), offset, size, name=name)
+        if len(data) < size:
+            from ..fileio import short_read
+
+            raise short_read(name, offset + len(data), size - len(data))
+        return data
+
     def read_index(self, name: str) -> IndexInfo:
         size = self.size(name)
         if size is None:
@@ -210,13 +214,7 @@ class HubRepo:
 
     def select_checkpoint(self, variant: str | None = None) -> str:
         """The file or index transformers would load from this repo (``variant`` applied); CheckpointError if none."""
-        try:
-            selected = pick_checkpoint(list(self.listing()), variant)
-        except ValueError as exc:
-            raise CheckpointError(self.label, f"holds several checkpoints ({exc})", code="ambiguous") from None
-        if selected is None:
-            raise CheckpointError(self.label, "holds no checkpoint (no .safetensors, .bin or index file)", code="no-checkpoint")
-        return selected
+        return select_checkpoint(list(self.listing()), self.label, variant)
 
     def checkpoint_files(self, selected: str) -> list[str]:
         """The files that make up the checkpoint ``selected``: the index and its shards, or the single file."""
@@ -235,21 +233,6 @@ class HubRepo:
         with open(path, "wb") as out:
             out.write(data)
         return path
-
-    def download(self, selected: str):
-        """Download the checkpoint's files into the Hugging Face cache (shards absent from the repo are skipped).
-
-        Returns the local folder, the checkpoint's table read from it (None if unreadable) and the report of
-        that local header check (whose findings repeat the remote ones, except for files not checkable remotely).
-        """
-        from ..validation.checks import check_checkpoint
-        from ..validation.report import Report
-        from ..validation.sources import LocalFolder
-        from .download import fetch_checkpoint
-
-        folder = fetch_checkpoint(self, selected, skip_missing=True)
-        local = Report(target=str(folder))
-        return str(folder), check_checkpoint(LocalFolder(folder), selected, local, whole_folder=False), local
 
 
 class RangeFile(io.RawIOBase):
@@ -360,37 +343,4 @@ class RangeFile(io.RawIOBase):
         return self._blocks[index]
 
 
-def open_remote_checkpoint(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    variant: str | None = None,
-    repo_type: str = "model",
-    token: str | bool | None = None,
-) -> Checkpoint:
-    """The table of a Hub repo's checkpoint from headers alone (what ``inspect org/name`` shows).
-
-    When ``HF_HUB_OFFLINE`` is set or the Hub can't be reached, the checkpoint of the cached snapshot is read
-    instead. Raises like :func:`shardkit.open_checkpoint` on the first problem; use :func:`shardkit.validate`
-    to list all.
-    """
-    from ..reader import open_checkpoint
-    from .cache import open_repo
-
-    repo = open_repo(repo_id, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
-    if not isinstance(repo, HubRepo):  # the cached snapshot folder
-        return open_checkpoint(repo, variant=variant)
-    selected = repo.select_checkpoint(variant)
-    if not INDEX_RE.match(selected):
-        return assemble_checkpoint(repo.label, [(selected, *repo.open_file(selected))], root="")
-    index = repo.read_index(selected)
-    names = sorted(set(index.weight_map.values()))
-    for name in names:
-        repo.check_path(name)
-    repo.prefetch(names)
-    opened = [(name, *repo.open_file(name)) for name in names]
-    return assemble_checkpoint(repo.label, opened, root="", index=index, index_label=selected)
-
-
-__all__ = ["HubRepo", "RangeFile", "looks_like_repo_id", "open_remote_checkpoint"]
+__all__ = ["HubRepo", "RangeFile", "looks_like_repo_id"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..hashing import sha256_files_progress
 from ..hub.http import hub_endpoint, is_hub_failure, translate
-from ..hub.publish import checkpoint_family
+from ..naming import checkpoint_family
 from .report import Report
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -6,15 +6,13 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import CheckpointError, UsageError
+from ..errors import UsageError
 from ..formats.dcp import dcp_folder
-from ..hub.remote import looks_like_repo_id
-from ..naming import pick_checkpoint
-from ..reader import _resolve_cache_repo
+from ..naming import select_checkpoint
+from ..sources import LocalFolder, Source, is_hub_id, open_source
 from .checks import check_checkpoint
 from .dcp import check_dcp, is_dcp_target
 from .report import Report
-from .sources import LocalFolder
 
 
 def validate(
@@ -54,17 +52,20 @@ def validate(
     label = os.fspath(target)
     local = Path(label)
     from_cache = None
-    if not local.exists() and looks_like_repo_id(label):
-        from ..hub.cache import open_repo
-
-        source = open_repo(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
-        if isinstance(source, Path):  # offline or unreachable: the cached snapshot answers
-            from_cache, source = str(source), LocalFolder(source)
-        selected, whole_folder = _select(source, label, variant), True
-    elif local.exists() and is_dcp_target(local):
+    source: Source
+    selected: str | None
+    if not is_hub_id(label) and local.exists() and is_dcp_target(local):
         source, selected, whole_folder = LocalFolder(dcp_folder(local)), None, False
     else:
-        source, selected, whole_folder = _locate_local(local, subfolder, variant, revision)
+        source = open_source(label, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+        if isinstance(source, LocalFolder):
+            from_cache = source.from_cache
+        if isinstance(source, LocalFolder) and source.selected is not None:
+            # A file: an index is checked with its folder, a single checkpoint file on its own.
+            selected, whole_folder = source.selected, source.selected.endswith(".json")
+        else:
+            local_folder = isinstance(source, LocalFolder) and from_cache is None
+            selected, whole_folder = _select(source, source.label if local_folder else label, variant), True
 
     report = Report(target=label, checkpoint=selected, from_cache=from_cache)
     if selected is None:  # a DCP training checkpoint
@@ -82,9 +83,9 @@ def validate(
         try:
             check_model(checkpoint, config, report)
         finally:
-            if config and getattr(source, "folder", None) is None and model_config in (True, "auto"):
+            if config and source.folder is None and model_config in (True, "auto"):
                 shutil.rmtree(os.path.dirname(config), ignore_errors=True)  # fetched from the Hub into a temp folder
-    folder = getattr(source, "folder", None)
+    folder = source.folder
     if against or verify_blobs:
         from .against import check_against, check_cache_blobs
 
@@ -112,9 +113,9 @@ def _check_data(source, selected: str, checkpoint, report: Report, *, deep: bool
     from .deep import check_data
 
     unchecked = {f.file for f in report.findings if f.code == "not-checked"}
-    folder = getattr(source, "folder", None)
+    folder = source.folder
     if folder is None and (checkpoint is not None or unchecked):  # a Hub repo: the data checks need the files
-        folder, checkpoint, downloaded = source.download(selected)
+        folder, checkpoint, downloaded = _download(source, selected)
         # The downloaded copy was checked again: what only it could see (files not checkable remotely, symlinks
         # of the cache) is kept; what both saw is listed once.
         report.findings = [f for f in report.findings if f.code != "not-checked"]
@@ -138,7 +139,7 @@ def _check_tied(source, checkpoint, report: Report, model_config) -> None:
 
     from .tied import check_tied
 
-    folder = getattr(source, "folder", None)
+    folder = source.folder
     if model_config not in (None, False, True, "auto"):
         path = os.fspath(model_config)
     elif folder is not None:
@@ -154,39 +155,25 @@ def _check_tied(source, checkpoint, report: Report, model_config) -> None:
     check_tied(checkpoint, config, report, read_bytes=folder is not None, head_expected=not model_config)
 
 
-def _locate_local(path: Path, subfolder: str | None, variant: str | None, revision: str | None):
-    if not path.exists():
-        raise CheckpointError(path, "no such file or folder (nor a Hub repo id org/name)", code="missing-file")
-    if path.is_dir():
-        folder = _resolve_cache_repo(path, revision or "main")
-        if subfolder:
-            folder = folder / subfolder
-        source = LocalFolder(folder)
-        return source, _select(source, str(folder), variant), True
-    # A file: an index is checked with its folder, a single checkpoint file on its own.
-    source = LocalFolder(path.parent)
-    source.label = str(path)
-    return source, path.name, path.name.endswith(".json")
+def _select(source: Source, label: str, variant: str | None) -> str:
+    return select_checkpoint(list(source.listing()), label, variant, hint="; pass the file or index to validate")
 
 
-def _select(source, label: str, variant: str | None) -> str:
-    try:
-        selected = pick_checkpoint(list(source.listing()), variant)
-    except ValueError as exc:
-        raise CheckpointError(
-            label, f"holds several checkpoints ({exc}); pass the file or index to validate", code="ambiguous"
-        ) from None
-    if selected is None:
-        what = f" for variant {variant!r}" if variant else ""
-        raise CheckpointError(label, f"holds no checkpoint{what} (no .safetensors, .bin or index file)", code="no-checkpoint")
-    return selected
+def _download(source, selected: str):
+    """Download a Hub repo's checkpoint files into the Hugging Face cache (shards absent from the repo skipped).
+
+    Returns the local folder, the checkpoint's table read from it (None if unreadable) and the report of that
+    local header check (whose findings repeat the remote ones, except for files not checkable remotely).
+    """
+    from ..hub.download import fetch_checkpoint
+
+    folder = fetch_checkpoint(source, selected, skip_missing=True)
+    local = Report(target=str(folder))
+    return str(folder), check_checkpoint(LocalFolder(folder), selected, local, whole_folder=False), local
 
 
 def _config_path(source, model_config) -> str | None:
     """The config.json to build the model from: the one given, or the one beside the checkpoint."""
     if model_config is not True and str(model_config) != "auto":
         return os.fspath(model_config)
-    if hasattr(source, "fetch_config"):
-        return source.fetch_config()
-    path = Path(source.folder) / "config.json"
-    return str(path) if path.is_file() else None
+    return source.fetch_config()

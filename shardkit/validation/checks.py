@@ -11,7 +11,7 @@ import os
 
 from ..errors import CheckpointError, UnsafePathError
 from ..naming import INDEX_RE, format_of_name
-from ..reader import _add_declared_aliases
+from ..reader import add_declared_aliases
 from ..table import Checkpoint, FileInfo, IndexInfo, TensorEntry
 from . import layout
 from .report import Report
@@ -51,7 +51,7 @@ def _check_single(source, name: str, report: Report) -> Checkpoint | None:
         return None
     info, entries = opened
     checkpoint = Checkpoint(source=source.label, format=info.format, entries={e.name: e for e in entries}, files=[info])
-    _add_declared_aliases(checkpoint, info.metadata or {})
+    add_declared_aliases(checkpoint, info.metadata or {})
     layout.check_file(name, info, entries, report)
     report.tensors_checked = len(checkpoint)
     return checkpoint
@@ -86,8 +86,7 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
             )
             continue
         present[file_name] = name
-    if hasattr(source, "prefetch"):  # a remote source overlaps its round trips
-        source.prefetch(list(present.values()))
+    source.prefetch(list(present.values()))  # a remote source overlaps its round trips; a local one ignores this
     opened: dict[str, tuple[FileInfo, list[TensorEntry]]] = {}
     for file_name, name in present.items():
         result = _open(source, name, report, shown=file_name)
@@ -194,9 +193,9 @@ def _assemble(source, index: IndexInfo, opened: dict, report: Report) -> Checkpo
     checkpoint.format = formats.pop() if len(formats) == 1 else ("mixed" if formats else "")
 
     # Names that writers drop and declare as aliases (index metadata, shard __metadata__) are not missing.
-    _add_declared_aliases(checkpoint, index.metadata)
+    add_declared_aliases(checkpoint, index.metadata)
     for info in checkpoint.files:
-        _add_declared_aliases(checkpoint, info.metadata or {})
+        add_declared_aliases(checkpoint, info.metadata or {})
 
     missing: dict[str, list[str]] = {}
     for name, file_name in index.weight_map.items():

@@ -193,22 +193,16 @@ def open_any(
     table of a Hub repo's checkpoint downloaded into the Hugging Face cache (only its checkpoint files)."""
     if isinstance(src, Checkpoint):
         return src
-    path = os.fspath(src)
-    if not os.path.exists(path):
-        from ..hub.remote import looks_like_repo_id
+    from ..sources import is_hub_id, open_source, read_table
 
-        if looks_like_repo_id(path):
-            from ..hub.download import download_checkpoint
+    if is_hub_id(src):
+        from ..hub.download import download_checkpoint
 
-            path = str(
-                download_checkpoint(
-                    path, revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
-                )
-            )
-            return open_checkpoint(path, variant=variant)
-    if subfolder:
-        path = os.path.join(path, subfolder)
-    return open_checkpoint(path, variant=variant, revision=revision or "main")
+        folder = download_checkpoint(
+            os.fspath(src), revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
+        )
+        return open_checkpoint(folder, variant=variant)
+    return read_table(open_source(src, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token), variant)
 
 
 def run_split(checkpoint: Checkpoint, dst, **options) -> WriteSummary:

@@ -14,12 +14,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from ..dtypes import DTYPE_BITS
 from ..errors import UsageError
 from ..table import TensorEntry
 from .derived import Piece, PiecedEntry
-from .transforms import ExpertLayout, check_unique
+
+#: How MoE experts are stored: transformers 5's packed 3-D tensors, or one tensor per expert (transformers 4).
+ExpertLayout = Literal["packed", "per-expert"]
+
+
+def check_unique(new_name: dict[str, str], option: str) -> None:
+    """Raise naming both sources when two old names map to one new name."""
+    seen: dict[str, str] = {}
+    for old, new in new_name.items():
+        if new in seen:
+            raise UsageError(
+                f"{option} maps both {seen[new]!r} and {old!r} to {new!r}; nothing was written", code="key-collision"
+            )
+        seen[new] = old
 
 
 @dataclass(frozen=True, slots=True)

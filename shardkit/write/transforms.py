@@ -28,13 +28,11 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from ..dtypes import FLOATING, TORCH_NAMES, parse_dtype
 from ..errors import UsageError
 from ..table import Checkpoint, TensorEntry
-
-ExpertLayout = Literal["packed", "per-expert"]
+from .moe import ExpertLayout, check_unique, relayout_experts
 
 #: dtypes a cast may target (``--dtype``, ``--dequantize``).
 CAST_TARGETS = ("BF16", "F16", "F32", "F64")
@@ -154,8 +152,6 @@ def transform(checkpoint: Checkpoint, options: Transforms, config: dict | None =
     entries, origin = _rename(entries, origin, matchers, notes)
 
     if options.experts is not None:
-        from .moe import relayout_experts
-
         entries, origin = relayout_experts(entries, origin, options.experts, config, checkpoint.source)
 
     if options.untie and options.tie:
@@ -291,17 +287,6 @@ def _rename(
         if rule not in hits:
             notes.append(f"--rename {rule!r} matched no tensor name")
     return renamed, new_origin
-
-
-def check_unique(new_name: dict[str, str], option: str) -> None:
-    """Raise naming both sources when two old names map to one new name."""
-    seen: dict[str, str] = {}
-    for old, new in new_name.items():
-        if new in seen:
-            raise UsageError(
-                f"{option} maps both {seen[new]!r} and {old!r} to {new!r}; nothing was written", code="key-collision"
-            )
-        seen[new] = old
 
 
 # --- dtypes ---------------------------------------------------------------------------------------------------
