@@ -56,6 +56,7 @@ _EXPORTS = {
     "disk_offload": "shardkit.bigmodel",
     "remove_hook_from_module": "shardkit.bigmodel",
     "remove_hooks": "shardkit.bigmodel",
+    "from_pretrained": "shardkit.bigmodel",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,7 @@ _EXPORTS = {
     "remove_hook_from_module": "shardkit.bigmodel.dispatch",
     "remove_hooks": "shardkit.bigmodel.dispatch",
     "OutOfMemoryError": "shardkit.bigmodel.hooks",
+    "from_pretrained": "shardkit.bigmodel.pretrained",
 }
 
 __all__ = sorted(_EXPORTS)
