@@ -49,6 +49,7 @@ def fetch_checkpoint(repo, selected: str, *, skip_missing: bool = False) -> Path
     from ..reader import read_index
 
     folder, fetched = fetch_files(repo, [selected])
+    assert folder is not None  # one file was fetched
     if INDEX_RE.match(os.path.basename(selected)):  # the cached index names the shards: nothing is fetched twice
         shards = sorted(set(read_index(folder / selected).weight_map.values()))
         for name in shards:
@@ -67,16 +68,18 @@ def fetch_checkpoint(repo, selected: str, *, skip_missing: bool = False) -> Path
     return folder
 
 
-def fetch_files(repo, names: list[str]) -> tuple[Path, int]:
+def fetch_files(repo, names: list[str]) -> tuple[Path | None, int]:
     """Download ``names`` (relative to the repo's subfolder) at the repo's resolved commit.
 
-    Returns the local folder that holds them and the bytes fetched (files already in the cache count 0).
+    Returns the local folder that holds them (None for no names) and the bytes fetched (files already in the
+    cache count 0).
     """
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     from .http import bounded_session, is_hub_failure, metadata_timeout, translate
 
-    folder, fetched = None, 0
+    folder: Path | None = None
+    fetched = 0
     for name in names:
         repo.check_path(name)
         filename = f"{repo.subfolder}/{name}" if repo.subfolder else name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from typing import Any
 
 from ..errors import CheckpointError, HubError
 
@@ -197,7 +198,7 @@ class Fetcher:
         """
         from huggingface_hub.utils import get_session
 
-        session = get_session()
+        session: Any = get_session()  # an httpx(2) client; a requests session before huggingface_hub 1.0
         try:
             if hasattr(session, "stream"):
                 response = session.head(url, headers=self.headers, follow_redirects=True, timeout=metadata_timeout())
@@ -221,7 +222,7 @@ class Fetcher:
     def _stream(self, url: str, headers: dict[str, str], name: str):
         from huggingface_hub.utils import get_session
 
-        session = get_session()
+        session: Any = get_session()
         try:
             if hasattr(session, "stream"):  # httpx / httpx2 client (huggingface_hub >= 1.0)
                 with session.stream("GET", url, headers=headers, follow_redirects=True, timeout=download_timeout()) as response:
@@ -273,7 +274,7 @@ def translate(exc: BaseException, *, what: str, repo: str | None = None) -> HubE
     try:
         from huggingface_hub import errors as hf_errors
     except ImportError:  # huggingface_hub < 0.25 keeps them in utils
-        from huggingface_hub import utils as hf_errors
+        from huggingface_hub import utils as hf_errors  # type: ignore[no-redef]
 
     name = repo or what
     endpoint = hub_endpoint()

@@ -13,6 +13,8 @@ import io
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from io import BufferedRandom
+from typing import BinaryIO, cast
 from urllib.parse import quote
 
 from ..errors import CheckpointError
@@ -192,13 +194,13 @@ class HubRepo:
                     code="sf-header-past-eof",
                 )
             try:
-                return parse_header(name, raw, size)
+                return cast("tuple[FileInfo, list[TensorEntry]]", parse_header(name, raw, size))  # None only with problems=
             except CheckpointError:
                 self._broken_headers[name] = (raw, size)  # for header_problems: no second download
                 raise
         if fmt == "torch-zip":
             with RangeFile(self.fetcher, url, size, name=name, head=head, whole=whole) as handle:
-                return read_torch_zip(name, handle, size)
+                return read_torch_zip(name, cast(BinaryIO, handle), size)
         raise CheckpointError(
             name,
             "is a legacy torch file, whose tensors can only be located by loading it: validate a downloaded copy",
@@ -259,7 +261,7 @@ class RangeFile(io.RawIOBase):
         self._head = head  # bytes [0, len(head)) already fetched
         self._blocks: dict[int, bytes] = {}
         self._requests = 0
-        self._spool = None
+        self._spool: BufferedRandom | None = None
         self._spool_start = 0  # the spool holds bytes [_spool_start, size)
         if whole is not None:
             self._fill_spool(0, whole)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..formats.dcp import dcp_folder
@@ -13,6 +14,9 @@ from ..sources import LocalFolder, Source, is_hub_id, open_source
 from .checks import check_checkpoint
 from .dcp import check_dcp, is_dcp_target
 from .report import Report
+
+if TYPE_CHECKING:
+    from ..table import Checkpoint
 
 
 def validate(
@@ -105,7 +109,9 @@ def validate(
     return report
 
 
-def _check_data(source, selected: str, checkpoint, report: Report, *, deep: bool, checksums) -> object:
+def _check_data(
+    source, selected: str | None, checkpoint: Checkpoint | None, report: Report, *, deep: bool, checksums
+) -> Checkpoint | None:
     """``--deep`` and ``--checksums``: read the tensor data (a Hub repo's checkpoint is downloaded first).
 
     Returns the table the data was read from. A run that read no tensor at all is an error, never sound.
@@ -114,7 +120,7 @@ def _check_data(source, selected: str, checkpoint, report: Report, *, deep: bool
 
     unchecked = {f.file for f in report.findings if f.code == "not-checked"}
     folder = source.folder
-    if folder is None and (checkpoint is not None or unchecked):  # a Hub repo: the data checks need the files
+    if folder is None and selected is not None and (checkpoint is not None or unchecked):  # a Hub repo: download
         folder, checkpoint, downloaded = _download(source, selected)
         # The downloaded copy was checked again: what only it could see (files not checkable remotely, symlinks
         # of the cache) is kept; what both saw is listed once.
