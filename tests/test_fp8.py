@@ -189,3 +189,45 @@ def test_dequantize_memory_is_a_chunk_not_the_model(tmp_path):
     grown = int(result.stdout.split()[-1])
     largest_f32 = 2048 * 2048 * 4
     assert grown < 2.5 * largest_f32, grown  # the output is 96 MiB; one weight in float32 is 16 MiB
+
+
+def test_dequantize_then_pack_experts(tmp_path):
+    """--dequantize and --experts compose: FP8 per-expert weights become packed bf16 experts, equal to stacking the
+    reference-dequantized experts; --select and --rename apply in between."""
+    g = torch.Generator().manual_seed(3)
+    block = (128, 128)
+    tensors, reference_of = {}, {}
+    for e in range(3):
+        for proj, shape in (("gate_proj", (16, 24)), ("up_proj", (16, 24)), ("down_proj", (24, 16))):
+            name = f"_orig_mod.model.layers.0.mlp.experts.{e}.{proj}.weight"
+            q, s = quantize_blocks(torch.randn(*shape, generator=g), block)
+            tensors[name], tensors[name + "_scale_inv"] = q, s
+            reference_of[(e, proj)] = reference(q, s, block, torch.bfloat16)
+    tensors["_orig_mod.model.layers.0.mlp.gate.weight"] = torch.randn(3, 24, generator=g)
+    tensors["_orig_mod.model.layers.0.extra"] = torch.zeros(2)
+    (tmp_path / "src").mkdir()
+    save_file(tensors, tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "torch_dtype": "bfloat16"}))
+    summary = shardkit.split(
+        tmp_path / "src",
+        tmp_path / "out",
+        dequantize="bf16",
+        drop="*.extra",
+        strip_prefix="_orig_mod.",
+        experts="packed",
+        keep_dtype="*.mlp.gate.weight",
+        dtype="auto",
+        verify=True,
+    )
+    assert summary.verified
+    out = load_any(tmp_path / "out")
+    assert set(out) == {
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.gate.weight",
+    }
+    gate_up = torch.stack([torch.cat([reference_of[(e, "gate_proj")], reference_of[(e, "up_proj")]]) for e in range(3)])
+    down = torch.stack([reference_of[(e, "down_proj")] for e in range(3)])
+    assert torch.equal(bits(out["model.layers.0.mlp.experts.gate_up_proj"]), bits(gate_up))
+    assert torch.equal(bits(out["model.layers.0.mlp.experts.down_proj"]), bits(down))
+    assert out["model.layers.0.mlp.gate.weight"].dtype == torch.float32  # kept
