@@ -2,8 +2,8 @@
 
 Stated bounds (README "Loading big models"): a load holds the CPU-tier weights plus the read-ahead ring
 (3 chunks of at most 64 MiB, never more than 3 x the largest tensor, plus one chunk for casts) and nothing
-proportional to a shard or the model; a forward with disk offload holds two staging slabs of the largest block on the
-execution device.
+proportional to a shard or the model; a forward with disk offload on the CPU holds one staging slab of the largest
+block, whatever the map's granularity (``{"": "disk"}`` is streamed one layer at a time).
 """
 
 from __future__ import annotations
