@@ -164,3 +164,17 @@ def test_validate_lists_every_problem(tp):
     assert {"dcp-file-missing", "dcp-truncated"} <= report.codes
     assert sum(f.code == "dcp-file-missing" for f in report.findings) == 1  # once per file, not per tensor
     assert all(f.file in ("__1_0.distcp", "__2_0.distcp") for f in report.findings)
+
+
+def _storage(metadata, name):
+    return next(info for key, info in metadata.storage_data.items() if key.fqn == name)
+
+
+def test_a_chunk_path_leaving_the_folder(tp, tmp_path):
+    rewrite_metadata(tp, lambda m: setattr(_storage(m, "col.weight"), "relative_path", "../__0_0.distcp"))
+    expect_error(tp, tmp_path, "path-escapes-folder", "points outside the checkpoint folder")
+
+
+def test_compressed_chunks_are_refused(tp, tmp_path):
+    rewrite_metadata(tp, lambda m: setattr(_storage(m, "col.weight"), "transform_descriptors", ["zstd"]))
+    expect_error(tp, tmp_path, "dcp-transformed", "['zstd']")
