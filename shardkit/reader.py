@@ -90,9 +90,11 @@ def _resolve_folder(folder: Path, variant: str | None) -> Path:
         return folder / select_checkpoint(names, str(folder), variant, hint="; pass the file or index to use")
     except CheckpointError as exc:
         if exc.code == "no-checkpoint" and any(name.endswith(".distcp") for name in names):
+            per_rank = "__0.metadata" in names  # a save without collectives: one metadata file per rank
             raise CheckpointError(
                 str(folder / ".metadata"),
-                "is missing: the folder holds DCP .distcp files, which cannot be read without it",
+                "is missing: the folder holds DCP .distcp files, which cannot be read without it"
+                + (" (per-rank __N.metadata files, from a save without collectives, are not supported)" if per_rank else ""),
                 code="dcp-metadata-missing",
             ) from None
         raise
