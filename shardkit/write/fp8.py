@@ -76,10 +76,27 @@ class Dequantize:
                 first = start // block_rows
                 tile = scales[matrix, first : -(-stop // block_rows)]
                 skip = start - first * block_rows  # rows of the first block before this chunk
-                expanded = tile.repeat_interleave(block_rows, dim=0)[skip : skip + stop - start]
-                expanded = expanded.repeat_interleave(block_cols, dim=1)[:, :cols]
-                value = (quantized.to(torch.float32) * expanded).to(out_dtype).contiguous()
-                yield tensor_bytes(value)
+                row_scales = tile.repeat_interleave(block_rows, dim=0)[skip : skip + stop - start]  # [rows, scale_cols]
+                value = _scaled(quantized.to(torch.float32), row_scales, block_cols, out_dtype)
+                yield tensor_bytes(value)  # a view of ``value``, which stays alive until the next chunk
+
+
+def _scaled(values, row_scales, block_cols: int, out_dtype):
+    """``values[i, j] * row_scales[i, j // block_cols]`` cast to ``out_dtype``: the same float32 products as
+    multiplying by the fully expanded scale matrix, without building it (broadcast over whole column blocks,
+    the ragged last block apart)."""
+    import torch
+
+    rows, cols = values.shape
+    whole = cols // block_cols
+    out = torch.empty((rows, cols), dtype=out_dtype)
+    if whole:
+        body = values[:, : whole * block_cols].reshape(rows, whole, block_cols)
+        body.mul_(row_scales[:, :whole, None])
+        out[:, : whole * block_cols] = body.reshape(rows, whole * block_cols)
+    if cols % block_cols:
+        out[:, whole * block_cols :] = values[:, whole * block_cols :] * row_scales[:, whole : whole + 1]
+    return out
 
 
 def block_size(config: dict | None) -> tuple[int, int]:
