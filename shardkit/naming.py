@@ -30,24 +30,24 @@ SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})(?P<su
 INDEX_RE = re.compile(r"^(?P<base>.+\.(?:safetensors|bin))\.index(?:\.(?P<variant>[^.]+))?\.json$")
 
 
-def _stem(fmt: str, variant: str | None) -> tuple[str, str]:
+def _stem(fmt: OutputFormat, variant: str | None) -> tuple[str, str]:
     stem, suffix = FORMATS[fmt]
     return (f"{stem}.{variant}" if variant else stem), suffix
 
 
-def single_file_name(fmt: str = "safetensors", variant: str | None = None) -> str:
+def single_file_name(fmt: OutputFormat = "safetensors", variant: str | None = None) -> str:
     """``model.safetensors``, ``pytorch_model.bin``, ``model.fp16.safetensors``…"""
     stem, suffix = _stem(fmt, variant)
     return stem + suffix
 
 
-def shard_file_name(index: int, total: int, fmt: str = "safetensors", variant: str | None = None) -> str:
+def shard_file_name(index: int, total: int, fmt: OutputFormat = "safetensors", variant: str | None = None) -> str:
     """``model-00002-of-00004.safetensors`` for ``index=2, total=4`` (1-based)."""
     stem, suffix = _stem(fmt, variant)
     return f"{stem}-{index:05d}-of-{total:05d}{suffix}"
 
 
-def index_file_name(fmt: str = "safetensors", variant: str | None = None) -> str:
+def index_file_name(fmt: OutputFormat = "safetensors", variant: str | None = None) -> str:
     """``model.safetensors.index.json``, ``pytorch_model.bin.index.fp16.json``…"""
     stem, suffix = FORMATS[fmt]
     return f"{stem}{suffix}.index.{variant}.json" if variant else f"{stem}{suffix}.index.json"
@@ -100,7 +100,7 @@ def pick_checkpoint(names: list[str], variant: str | None = None) -> str | None:
         if name in present:
             return name
     ordered = sorted(present)
-    indexes = [n for n in ordered if INDEX_RE.match(n) and (variant is None or INDEX_RE.match(n)["variant"] == variant)]
+    indexes = [n for n in ordered if (m := INDEX_RE.match(n)) and (variant is None or m["variant"] == variant)]
     if not indexes and variant is None:  # accelerate's rule: a folder's only ``*.index.json``, whatever its name
         indexes = [n for n in ordered if n.endswith(".index.json")]
     singles = [n for n in ordered if n.endswith(CHECKPOINT_SUFFIXES) and (variant is None or f".{variant}." in n)]

@@ -27,6 +27,7 @@ def parse_size(text: str | int) -> int:
     Units are case-insensitive. Bare ``K``/``M``/``G``/``T`` are refused as ambiguous rather than guessed.
     Raises :class:`UsageError` for anything else, zero and negative sizes included.
     """
+    value: float
     if isinstance(text, int) and not isinstance(text, bool):
         value, unit = text, ""
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -156,7 +156,7 @@ def _usable_range(name: str, info: object) -> list[tuple[int, int, str]]:
     return []
 
 
-def _broken(problems: list[CheckpointError] | None, error: CheckpointError) -> None:
+def _broken(problems: list[CheckpointError] | None, error: CheckpointError) -> Any:
     if problems is None:
         raise error
     problems.append(error)
@@ -183,17 +183,17 @@ def _entry_fields(path: str, name: str, info: object) -> tuple[str, tuple[int, .
 def read_safetensors(path: str, handle: BinaryIO | None = None) -> tuple[FileInfo, list[TensorEntry]]:
     """Read and validate the header of the safetensors file at ``path``; never reads tensor data."""
     own = handle is None
-    if own:
-        handle = open(path, "rb")
+    file = open(path, "rb") if handle is None else handle
     try:
-        size = os.fstat(handle.fileno()).st_size
-        handle.seek(0)
-        length = parse_header_length(path, handle.read(8), size)
-        raw = handle.read(length)
-        return parse_header(path, raw, size)
+        size = os.fstat(file.fileno()).st_size
+        file.seek(0)
+        length = parse_header_length(path, file.read(8), size)
+        result = parse_header(path, file.read(length), size)
+        assert result is not None  # without a problems list, a broken rule raises
+        return result
     finally:
         if own:
-            handle.close()
+            file.close()
 
 
 def build_header(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:

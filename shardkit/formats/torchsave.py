@@ -8,6 +8,7 @@ Record data is written by the caller straight into the file descriptor at the of
 
 from __future__ import annotations
 
+import builtins
 import struct
 import zlib
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class _Pickler:
             raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
             self.out += b"\x8a" + bytes([len(raw)]) + raw  # LONG1
 
-    def int_tuple(self, values: tuple[int, ...]) -> None:
+    def int_tuple(self, values: tuple[builtins.int, ...]) -> None:
         if not values:
             self.out += b")"
             return

@@ -81,14 +81,13 @@ def read_torch_zip(path: str, handle: BinaryIO | None = None, size: int | None =
     of the alphabetically first of their names, the name huggingface_hub keeps when it drops duplicates.
     """
     own = handle is None
-    if own:
-        handle = open(path, "rb")
+    file = open(path, "rb") if handle is None else handle
     try:
-        size = os.fstat(handle.fileno()).st_size if size is None else size
-        records = zip_records(path, handle, size)
+        size = os.fstat(file.fileno()).st_size if size is None else size
+        records = zip_records(path, file, size)
         prefix = _archive_prefix(path, records)
         byteorder = records.get(f"{prefix}byteorder")
-        if byteorder is not None and _read(handle, byteorder) != b"little":
+        if byteorder is not None and _read(file, byteorder) != b"little":
             raise CheckpointError(
                 path, "checkpoint was saved big-endian; shardkit reads little-endian files only", code="big-endian"
             )
@@ -97,10 +96,10 @@ def read_torch_zip(path: str, handle: BinaryIO | None = None, size: int | None =
             raise CheckpointError(
                 path, f"data.pkl is {pkl.size} bytes, over the {MAX_PICKLE_SIZE}-byte limit", code="pickle-too-large"
             )
-        obj = RestrictedUnpickler(path, _read(handle, pkl), records, prefix).load()
+        obj = RestrictedUnpickler(path, _read(file, pkl), records, prefix).load()
     finally:
         if own:
-            handle.close()
+            file.close()
 
     state, skipped = _state_dict(path, obj)
     entries = _entries(path, state)
@@ -165,6 +164,7 @@ def _entries(path: str, state: dict[str, TensorRef]) -> list[TensorEntry]:
     for name, ref in state.items():
         _check_view(path, name, ref)
         nbytes = nbytes_of(ref.dtype, ref.shape)
+        assert nbytes is not None  # _check_view refused a view that does not fill whole bytes
         contiguous = _is_contiguous(ref.shape, ref.stride)
         offset = ref.storage.offset + ref.storage_offset * itemsize(ref.dtype) if contiguous else None
         first = canonical[_identity(ref)]

@@ -182,7 +182,7 @@ class RestrictedUnpickler(pickle._Unpickler):
             "nothing was executed",
         )
 
-    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.BUILD[0]] = _load_build  # type: ignore[assignment]  # pickle's table is typed for its own methods
 
     def __init__(self, path: str, data: bytes, records: dict[str, Record], prefix: str) -> None:
         super().__init__(io.BytesIO(data))

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from ..dtypes import parse_dtype
 from ..errors import OutputError, UsageError
@@ -106,7 +106,8 @@ def split(
     the checkpoint). ``overwrite``, ``verify``, ``dry_run``, ``progress``: see :func:`write`.
     """
     checkpoint = open_any(src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
-    given = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix, "keep_dtype": keep_dtype}
+    given: dict[str, Any] = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix}
+    given.update(keep_dtype=keep_dtype)
     given.update(dequantize=dequantize, experts=experts, tie=tie, untie=untie)
     transformed, notes = _transform(checkpoint, dtype, transforms, config, given)
     plan = plan_split(transformed.checkpoint, parse_size(max_shard_size), format, transformed.dtypes)
@@ -157,8 +158,9 @@ def convert(
     ``src`` and every other argument are as for :func:`split`. A DCP checkpoint has no layout worth keeping (its
     tensors span the ranks' files): it is repacked into shards of :data:`DEFAULT_MAX_SHARD_SIZE`.
     """
-    options = dict(overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
-    given = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix, "keep_dtype": keep_dtype}
+    options: dict[str, Any] = dict(overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
+    given: dict[str, Any] = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix}
+    given.update(keep_dtype=keep_dtype)
     given.update(dequantize=dequantize, experts=experts, tie=tie, untie=untie)
     checkpoint = open_any(src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
     if max_shard_size is None and checkpoint.format == "dcp":

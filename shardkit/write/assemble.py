@@ -74,6 +74,7 @@ def assembled(
                 continue
             chunk_row = math.prod(chunk.sizes[1:]) * item
             source = chunk.entry
+            assert source.offset is not None  # a chunk is one contiguous byte range (can_assemble)
             targets, run = _targets(view, chunk.offsets, chunk.sizes, shape, strides, a - r0, b - a)
             _read_scattered(fd_of(source.file), targets, run, source.offset + (a - c0) * chunk_row, source.file)
         yield view

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPE_BITS, FLOATING, SAFETENSORS_DTYPES, TORCH_NAMES, nbytes_of
 from ..errors import UsageError
-from ..naming import index_file_name, shard_file_name, single_file_name
+from ..naming import OutputFormat, index_file_name, shard_file_name, single_file_name
 from ..table import Checkpoint, TensorEntry
 from .assemble import can_assemble
 from .derived import byte_ranges
@@ -68,7 +68,7 @@ class PlannedFile:
 class Plan:
     """The whole output: files in order, the index's ``weight_map`` and ``metadata``, and dropped alias records."""
 
-    format: str
+    format: OutputFormat
     files: list[PlannedFile]
     weight_map: dict[str, str]
     #: ``{dropped name: kept name}`` for safetensors output, which cannot hold shared tensors
@@ -135,7 +135,7 @@ def pack(items: Iterable[tuple[str, Hashable, int]], max_size: int) -> list[list
 Casts = str | Mapping[str, str] | None
 
 
-def output_tensor(entry: TensorEntry, fmt: str, dtype: Casts) -> PlannedTensor:
+def output_tensor(entry: TensorEntry, fmt: OutputFormat, dtype: Casts) -> PlannedTensor:
     """How ``entry`` is written in ``fmt``, cast to ``dtype`` if it is a floating tensor of another type (a mapping
     gives the dtype of each tensor that changes)."""
     out = entry.dtype
@@ -149,10 +149,11 @@ def output_tensor(entry: TensorEntry, fmt: str, dtype: Casts) -> PlannedTensor:
             f"tensor {entry.name!r} is {out}, which a {'.safetensors' if fmt == 'safetensors' else '.bin'} file cannot hold"
         )
     nbytes = entry.nbytes if out == entry.dtype else nbytes_of(out, entry.shape)
+    assert nbytes is not None  # cast targets are whole-byte dtypes
     return PlannedTensor(name=entry.name, dtype=out, shape=entry.shape, nbytes=nbytes, source=entry)
 
 
-def plan_split(checkpoint: Checkpoint, max_shard_size: int, fmt: str = "safetensors", dtype: Casts = None) -> Plan:
+def plan_split(checkpoint: Checkpoint, max_shard_size: int, fmt: OutputFormat = "safetensors", dtype: Casts = None) -> Plan:
     """Repack ``checkpoint`` into shards of at most ``max_shard_size`` bytes (a larger tensor gets its own).
 
     Safetensors output keeps one copy of each shared tensor (the name the reader kept, which for torch files is
@@ -171,7 +172,7 @@ def plan_split(checkpoint: Checkpoint, max_shard_size: int, fmt: str = "safetens
     return _assemble(pack(items, max_shard_size), stored, owner, fmt)
 
 
-def plan_convert(checkpoint: Checkpoint, fmt: str = "safetensors", dtype: Casts = None) -> Plan:
+def plan_convert(checkpoint: Checkpoint, fmt: OutputFormat = "safetensors", dtype: Casts = None) -> Plan:
     """Keep ``checkpoint``'s file layout: the ``i``-th source file becomes the ``i``-th output file, named for ``fmt``.
 
     Shared tensors are handled as in :func:`plan_split`; a name declared as an alias in metadata goes to the file
@@ -193,7 +194,7 @@ def plan_convert(checkpoint: Checkpoint, fmt: str = "safetensors", dtype: Casts 
     return _assemble(groups, stored, owner, fmt)
 
 
-def _assemble(groups: list[list[str]], stored: dict[str, PlannedTensor], owner: dict[str, str], fmt: str) -> Plan:
+def _assemble(groups: list[list[str]], stored: dict[str, PlannedTensor], owner: dict[str, str], fmt: OutputFormat) -> Plan:
     total = len(groups)
     files, weight_map = [], {}
     for number, names in enumerate(groups, start=1):
@@ -215,6 +216,6 @@ def safetensors_order(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
     return sorted(tensors, key=lambda t: (-_DTYPE_RANK[t.dtype], t.name))
 
 
-def _check_format(fmt: str) -> None:
+def _check_format(fmt: OutputFormat) -> None:
     if fmt not in ("safetensors", "bin"):
         raise UsageError(f"unknown output format {fmt!r}: use safetensors or bin")

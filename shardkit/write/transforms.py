@@ -335,7 +335,7 @@ def _dtypes(
 
 def _quantized_names(entries: dict[str, TensorEntry]) -> set[str]:
     """Quantized weights and their scales: a cast would destroy them (dequantize them instead)."""
-    names = set()
+    names: set[str] = set()
     for name in entries:
         for suffix in ("_scale_inv", "_scale"):
             if name.endswith(suffix) and name[: -len(suffix)] in entries:

@@ -9,6 +9,7 @@ tensors are materialized again and compared in memory).
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 from ..errors import OutputError
 from ..formats import open_file
@@ -84,5 +85,5 @@ def _equals_file(data, fd: int, offset: int) -> bool:
     return True
 
 
-def _fail(file_name: str, problem: str) -> None:
+def _fail(file_name: str, problem: str) -> NoReturn:
     raise OutputError(f"verification failed: {file_name}: {problem}; nothing was written", code="verify-failed")
