@@ -242,6 +242,8 @@ def test_dry_run_on_a_repo_downloads_nothing(hub, tmp_path, command):
     assert not (tmp_path / "out").exists()
     assert not _cache(tmp_path, "org/src").exists()  # nothing in the cache either
     assert not any(r.startswith("HEAD ") for r in hub.requests)  # no hf_hub_download
+    summary = getattr(shardkit, command)("org/src", tmp_path / "lib-out", dry_run=True)  # the library too
+    assert summary.dry_run and summary.files and not _cache(tmp_path, "org/src").exists()
 
 
 # --- 6. servers that ignore Range ---------------------------------------------------------------------------

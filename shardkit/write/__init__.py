@@ -105,7 +105,9 @@ def split(
     them as one ``transforms`` object (not both). ``config`` is the parsed config.json (default: the one beside
     the checkpoint). ``overwrite``, ``verify``, ``dry_run``, ``progress``: see :func:`write`.
     """
-    checkpoint = open_any(src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+    checkpoint = open_any(
+        src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token, headers_only=dry_run
+    )
     given: dict[str, Any] = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix}
     given.update(keep_dtype=keep_dtype)
     given.update(dequantize=dequantize, experts=experts, tie=tie, untie=untie)
@@ -162,7 +164,9 @@ def convert(
     given: dict[str, Any] = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix}
     given.update(keep_dtype=keep_dtype)
     given.update(dequantize=dequantize, experts=experts, tie=tie, untie=untie)
-    checkpoint = open_any(src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token)
+    checkpoint = open_any(
+        src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token, headers_only=dry_run
+    )
     if max_shard_size is None and checkpoint.format == "dcp":
         max_shard_size = DEFAULT_MAX_SHARD_SIZE
     if max_shard_size is not None:
@@ -190,14 +194,16 @@ def open_any(
     subfolder: str | None = None,
     repo_type: str = "model",
     token: str | bool | None = None,
+    headers_only: bool = False,
 ) -> Checkpoint:
     """``src`` as a :class:`Checkpoint`: itself when it is one, the table of a local path when that exists, else the
-    table of a Hub repo's checkpoint downloaded into the Hugging Face cache (only its checkpoint files)."""
+    table of a Hub repo's checkpoint downloaded into the Hugging Face cache (only its checkpoint files), or with
+    ``headers_only`` (a dry run) read from the repo's headers by HTTP ranges, nothing downloaded."""
     if isinstance(src, Checkpoint):
         return src
     from ..sources import is_hub_id, open_source, read_table
 
-    if is_hub_id(src):
+    if is_hub_id(src) and not headers_only:
         from ..hub.download import download_checkpoint
 
         folder = download_checkpoint(
