@@ -30,7 +30,7 @@ from .experts import ExpertCache, layout_for
 from .hooks import Block, Hook, OutOfMemoryError, Streamer
 from .loader import load_checkpoint_in_model
 from .offload import INDEX_NAME, OffloadStore, OffloadWriter, stamp
-from .targets import Target, model_tensors
+from .targets import Place, Target, model_tensors
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def _set(t: Target, value) -> None:
     is_param = t.places[0][2]
     if is_param:
         value = torch.nn.Parameter(value, requires_grad=False)
-    for module, attr, param in t.places:
+    for module, attr, param, _ in t.places:
         (module._parameters if param else module._buffers)[attr] = value
 
 
@@ -298,7 +298,7 @@ def _offload(block: Block, targets: list[Target], loaded, store, state_dict, off
         dtype = source.dtype if source is not None else _store_dtype(store, t.names[0])
         specs.append((t.names[0], dtype, tuple(t.old.shape)))
     block.slots, block.nbytes = slab.layout(specs)
-    block.places = [(m, a, p, t.names[0]) for t in targets for (m, a, p) in t.places]
+    block.places = [Place(m, a, p, t.names[0]) for t in targets for (m, a, p, _) in t.places]
     block.ties = [getattr(t, "token", None) or t for t in targets for _ in t.places]
     if block.tier == "cpu":
         if loaded is not None and _same_layout(loaded[1], block.slots):

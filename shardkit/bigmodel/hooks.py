@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -25,7 +26,11 @@ from ..errors import ShardkitError
 from . import slab
 from .experts import routed_forward
 from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, disk_ring
+from .targets import Place
 from .transfer import move
+
+#: Where a block's weights live between forwards: on its device, in a pinned CPU slab, or on disk.
+Tier = Literal["resident", "cpu", "disk"]
 
 
 class OutOfMemoryError(ShardkitError, torch.OutOfMemoryError):
@@ -36,13 +41,13 @@ class OutOfMemoryError(ShardkitError, torch.OutOfMemoryError):
 
 @dataclass(eq=False)
 class Block:
-    """The tensors one hook manages: ``places`` are ``(module, attribute, is_parameter, name)``."""
+    """The tensors one hook manages: ``places`` are :class:`~shardkit.bigmodel.targets.Place` tuples."""
 
     name: str
     module: object
     device: torch.device  # where it runs
-    tier: str  # "resident", "cpu" or "disk"
-    places: list = field(default_factory=list)
+    tier: Tier
+    places: list[Place] = field(default_factory=list)
     slots: dict = field(default_factory=dict)  # tensor name -> slab.Slot (offloaded tiers)
     nbytes: int = 0
     host: object = None  # cpu tier: uint8 host slab
@@ -52,6 +57,7 @@ class Block:
     ties: list = field(default_factory=list)  # per place: a token shared by the places of one model tensor
     staged: list = field(default_factory=list)  # per ring slot: tensors installed during the forward
     experts: object = None  # experts.ExpertLayout when only the routed experts are staged (mixture of experts)
+    store: object = None  # disk tier: the offload store (a Mapping of name -> tensor) its bytes are read from
 
     def install(self, tensors) -> None:
         for (module, attr, is_param, _), tensor in zip(self.places, tensors):

@@ -487,7 +487,7 @@ def _install(model, targets: list[Target], host: dict, store: OffloadStore | Non
         is_param = t.places[0][2]
         if is_param:
             value = torch.nn.Parameter(value, requires_grad=t.old.requires_grad and value.is_floating_point())
-        for module, attr, param in t.places:
+        for module, attr, param, _ in t.places:
             (module._parameters if param else module._buffers)[attr] = value
     model._shardkit_host = host
     if store is not None:

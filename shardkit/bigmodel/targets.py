@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from ..table import TensorEntry
+
+
+class Place(NamedTuple):
+    """Where a tensor lives in a model: ``module._parameters[attribute]`` (or ``_buffers``), filled from ``name``.
+
+    In a :class:`Target` ``name`` is the place's own dotted name; in a hook's block it is the tensor's first name,
+    the key of its slot (tied places share it).
+    """
+
+    module: Any
+    attribute: str
+    is_parameter: bool
+    name: str
 
 
 @dataclass(eq=False)
@@ -12,7 +26,7 @@ class Target:
     """One model tensor (all its names when tied) and where and how it is loaded."""
 
     names: list[str]
-    places: list  # (module, attribute, is_parameter)
+    places: list[Place]
     old: object
     persistent: bool
     entry: TensorEntry | None = None
@@ -55,6 +69,6 @@ def model_tensors(model) -> list[Target]:
                 name = dot + attr
                 if name not in target.names:
                     target.names.append(name)
-                target.places.append((module, attr, is_param))
+                target.places.append(Place(module, attr, is_param, name))
                 target.place_names.append(name)
     return list(by_id.values())

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CATALOGUE, REPORTED_CATEGORIES
+from ..errors import CATALOGUE, REPORTED_CATEGORIES, Severity
 
-ERROR, WARNING = "error", "warning"
+ERROR: Severity = "error"
+WARNING: Severity = "warning"
 
 #: code -> (severity, meaning) of every code a finding can carry: the index, file, layout, --deep and
 #: --model-config codes of :data:`shardkit.errors.CATALOGUE`. File-level codes are the reader's error codes.
-CODES: dict[str, tuple[str, str]] = {
+CODES: dict[str, tuple[Severity, str]] = {
     code: (info.severity, info.meaning) for code, info in CATALOGUE.items() if info.category in REPORTED_CATEGORIES
 }
 
@@ -24,7 +25,7 @@ class Finding:
     """One problem: a stable ``code``, its ``severity``, the ``file`` and ``tensor`` concerned, and a sentence."""
 
     code: str
-    severity: str
+    severity: Severity
     file: str | None
     tensor: str | None
     message: str
