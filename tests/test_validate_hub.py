@@ -483,14 +483,18 @@ def test_transforms_compose_with_a_repo_source(hub, tmp_path):
     folder.mkdir()
     state = {k: v.clone() for k, v in tied_state_dict().items()}
     save_sharded(state, folder, 800)
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", "tie_word_embeddings": False}))
     hub.add_folder("org/cfg", folder)
     out = tmp_path / "out"
-    args = ["split", "org/cfg", str(out), "-q", "--dtype", "bf16", "--keep-dtype", "*norm*", "--rename", "^model\\.=", "--verify"]
+    args = ["split", "org/cfg", str(out), "-q", "--dtype", "auto", "--keep-dtype", "*norm*", "--rename", "^model\\.=", "--verify"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     loaded = load_file(str(out / "model.safetensors"))
     assert loaded["layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16 and loaded["norm.weight"].dtype == torch.float32
     assert torch.equal(loaded["lm_head.weight"], state["lm_head.weight"].to(torch.bfloat16))
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # read from the repo's config
+    summary = shardkit.split("org/cfg", tmp_path / "lib", dtype="auto", revision="main")  # the library alike
+    assert summary.materialized > 0
 
 
 def test_split_of_a_missing_repo_is_one_line(hub, tmp_path):

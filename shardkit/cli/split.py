@@ -192,7 +192,7 @@ def source_checkpoint(src: str, *, revision, subfolder, variant, repo_type, toke
         if quiet:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         kwargs = dict(revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
-        return open_checkpoint(download_checkpoint(src, **kwargs), variant=variant)
+        return open_checkpoint(download_checkpoint(src, **kwargs, with_config=True), variant=variant)
     # local files, or a dry run of a repo: its table from headers, nothing downloaded
     return read_table(open_source(src, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token), variant)
 

@@ -19,6 +19,7 @@ def download_checkpoint(
     variant: str | None = None,
     repo_type: str = "model",
     token: str | bool | None = None,
+    with_config: bool = False,
 ) -> Path:
     """Download the checkpoint of ``repo_id`` and return the local folder holding it (a cache snapshot folder).
 
@@ -27,6 +28,7 @@ def download_checkpoint(
     names but the repo lacks fails before any shard is downloaded. The cache records ``revision`` (default main)
     as the commit, as huggingface_hub does. Raises :class:`~shardkit.errors.HubError` when the repo can't be
     reached and isn't cached, :class:`CheckpointError` when it holds no checkpoint or lacks a shard.
+    ``with_config`` also fetches the repo's ``config.json`` (when it has one), which transforms read.
     """
     from .cache import open_repo, write_ref
 
@@ -34,6 +36,8 @@ def download_checkpoint(
     if isinstance(repo, Path):  # offline or unreachable: the cached snapshot
         return repo
     folder = fetch_checkpoint(repo, repo.select_checkpoint(variant))
+    if with_config and repo.size("config.json") is not None:  # what transforms read: --dtype auto, --experts…
+        fetch_files(repo, ["config.json"])
     write_ref(repo_id, revision, repo.commit, repo_type=repo.repo_type)
     return folder
 

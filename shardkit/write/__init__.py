@@ -207,7 +207,13 @@ def open_any(
         from ..hub.download import download_checkpoint
 
         folder = download_checkpoint(
-            os.fspath(src), revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token
+            os.fspath(src),
+            revision=revision,
+            subfolder=subfolder,
+            variant=variant,
+            repo_type=repo_type,
+            token=token,
+            with_config=True,  # transforms read it (--dtype auto, --experts, --dequantize's block size)
         )
         return open_checkpoint(folder, variant=variant)
     return read_table(open_source(src, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token), variant)
