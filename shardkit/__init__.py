@@ -56,6 +56,7 @@ _EXPORTS = {
     "disk_offload": "shardkit.bigmodel",
     "remove_hook_from_module": "shardkit.bigmodel",
     "remove_hooks": "shardkit.bigmodel",
+    "plan_device_map": "shardkit.bigmodel.planning",
     "from_pretrained": "shardkit.bigmodel",
 }
 

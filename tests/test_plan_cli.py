@@ -115,3 +115,16 @@ def test_plan_prints_the_host_memory_it_expects(llama):
 
     text = plan(llama, "--max-memory", "cpu=60KB")
     assert "host memory: " in text.stdout and "staging slab" in text.stdout and "while loading" in text.stdout
+
+
+def test_plan_device_map_is_what_the_cli_prints(llama):
+    """The library call and ``shardkit plan --json`` give the same map and per-device totals."""
+    import shardkit
+
+    for model_config in (None, llama / "config.json"):
+        planned = shardkit.plan_device_map(llama, {"0": "100KB", "cpu": "60KB"}, model_config=model_config)
+        extra = ["--model-config", model_config] if model_config else []
+        data = orjson.loads(plan(llama, "--max-memory", "0=100KB,cpu=60KB", "--json", *extra).output)
+        assert planned.device_map == data["device_map"] and planned.per_device == data["bytes"]
+        assert planned.total_bytes == data["total_bytes"] > 0 and planned.source == data["source"]
+        assert orjson.loads(orjson.dumps(planned.memory, option=orjson.OPT_NON_STR_KEYS)) == data["memory"]

@@ -28,6 +28,8 @@ _EXPORTS = {
     "remove_hooks": "shardkit.bigmodel.dispatch",
     "OutOfMemoryError": "shardkit.bigmodel.hooks",
     "from_pretrained": "shardkit.bigmodel.pretrained",
+    "plan_device_map": "shardkit.bigmodel.planning",
+    "DevicePlan": "shardkit.bigmodel.planning",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -51,41 +51,15 @@ def plan_command(
     Without --model-config the plan comes from the checkpoint's headers alone (no torch import): tensors are
     grouped into the repeated blocks their names reveal (model.layers.N, h.N, encoder.layer.N).
     """
-    from ..bigmodel.placement import memory_needs, normalize_max_memory, plan
-    from ..dtypes import parse_dtype
-    from ..reader import open_checkpoint
+    from ..bigmodel.placement import normalize_max_memory
+    from ..bigmodel.planning import plan_device_map
 
     budget = normalize_max_memory(parse_max_memory(max_memory))
-    dtype = parse_dtype(dtype) if dtype else None
-    checkpoint = open_checkpoint(checkpoint)
-    if model_config:
-        device_map, sizes, experts, root, classes = _plan_from_config(
-            model_config, budget, dtype, list(no_split), experts_offload
-        )
-        source = "config"
-        config_path = model_config
-    else:
-        from ..bigmodel.headers import REPEATED, checkpoint_tree
-        from ..bigmodel.placement import experts_in_tree, plan_experts
-        from ..formats.dcp import model_weights
-
-        opened = model_weights(checkpoint)[0]
-        root, sizes, tied = checkpoint_tree(opened, dtype)
-        experts = experts_in_tree(root, {e.name: tuple(e.shape) for e in opened})
-        classes = {REPEATED, *no_split}
-        if experts_offload:
-            if not experts:
-                raise UsageError(f"--experts-offload: {opened.root} holds no experts modules (mlp.experts, experts.N)")
-            device_map = plan_experts(root, sizes, budget, list(experts))
-        else:
-            device_map = plan(root, sizes, budget, classes, tied)
-        source = "headers"
-        config_path = opened.root
-    per_device: dict[str, int] = {}
-    for key, device in device_map.items():
-        per_device[str(device)] = per_device.get(str(device), 0) + sizes.get(key, 0)
-    rewrite = dtype is not None or any(f.format != "safetensors" for f in checkpoint.files)
-    memory = memory_needs(root, sizes, device_map, classes, rewrite=rewrite)
+    planned = plan_device_map(
+        checkpoint, budget, dtype=dtype, model_config=model_config, no_split=no_split, experts_offload=experts_offload
+    )
+    device_map, sizes, experts, memory = planned.device_map, planned.sizes, planned.experts, planned.memory
+    per_device, source, config_path = planned.per_device, planned.source, planned.config_path
     notes = _absent_gpu_notes(budget) + _over_budget_notes(memory, budget)
     result = {
         "source": source,
@@ -214,17 +188,3 @@ def _over_budget_notes(memory: dict, budget: dict) -> list[str]:
     if limit is None or peak <= limit:
         return []
     return [f"host memory peaks at {format_size(peak)}, {format_size(peak - limit)} over the cpu budget (read buffers)"]
-
-
-def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str], experts_offload: bool = False):
-    from ..bigmodel.devicemap import infer_auto_device_map
-    from ..bigmodel.empty import empty_model_from_config
-    from ..bigmodel.measure import compute_module_sizes, expert_modules, module_tree
-    from ..dtypes import torch_dtype
-
-    model = empty_model_from_config(path)
-    no_split = no_split or list(getattr(model, "_no_split_modules", None) or [])
-    dt = torch_dtype(dtype) if dtype else None
-    experts = expert_modules(model)
-    device_map = infer_auto_device_map(model, budget, no_split, dt, experts_offload=experts_offload)
-    return device_map, compute_module_sizes(model, dtype=dt), experts, module_tree(model), set(no_split)
