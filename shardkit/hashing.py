@@ -109,17 +109,13 @@ def sha256_files(
 
 
 def sha256_files_progress(paths: Sequence[str | os.PathLike], *, progress: bool, desc: str = "hashing") -> dict[str, str]:
-    """:func:`sha256_files` with a tqdm bar over the total bytes on stderr when ``progress`` is true."""
-    bar = None
-    if progress and paths:
-        import sys
+    """:func:`sha256_files` with a bar over the total bytes (:func:`shardkit.progress.byte_bar`: decimal units, on a
+    terminal only) when ``progress`` is true."""
+    from .progress import byte_bar, threadsafe_update
 
-        from tqdm import tqdm
-
-        total = sum(os.path.getsize(p) for p in paths)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr, leave=False)
+    bar = byte_bar(sum(os.path.getsize(p) for p in paths), enabled=progress and bool(paths), desc=desc)
     try:
-        return sha256_files(paths, progress=bar.update if bar else None)
+        return sha256_files(paths, progress=threadsafe_update(bar))
     finally:
         if bar is not None:
             bar.close()

@@ -40,8 +40,9 @@ from . import emit_json, hub_options, stdout_closed
     help="Hugging Face cache snapshot: hash each file against its blob's name (its SHA-256), offline.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def validate_command(
-    target, revision, subfolder, variant, repo_type, token, deep, checksums, model_config, against, verify_blobs, as_json
+    target, revision, subfolder, variant, repo_type, token, deep, checksums, model_config, against, verify_blobs, as_json, quiet
 ) -> None:
     """Check that TARGET is a sound checkpoint and report every problem found.
 
@@ -63,7 +64,7 @@ def validate_command(
         model_config=model_config,
         against=against,
         verify_blobs=verify_blobs,
-        progress=not as_json and sys.stderr.isatty(),
+        progress=not quiet and not as_json,
     )
     try:
         if as_json:

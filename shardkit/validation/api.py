@@ -42,12 +42,13 @@ def validate(
     ``deep`` (tensor data: NaN/Inf/all-zero) or ``checksums`` (a manifest of per-tensor SHA-256: compared when the
     file exists, written otherwise) asks for data; for a Hub repo these download the checkpoint files first.
     ``model_config`` (a config.json path, or True for the config.json beside the checkpoint) builds the model on
-    the meta device with transformers and compares parameter names and shapes.
+    the meta device with transformers and compares parameter names and shapes. ``progress`` shows a bar on a
+    terminal while tensor data is read (and hashed for ``against``/``verify_blobs``).
 
     ``against`` (``org/name[@revision]``, local targets only) compares every checkpoint file's size and SHA-256 with
     the repo's listing (LFS object ids), without downloading: ``hub-mismatch``, ``hub-missing``, ``local-missing``.
     ``verify_blobs`` hashes a Hugging Face cache snapshot's files against their blobs' names (``blob-mismatch``),
-    offline. ``progress`` shows a hashing bar for these two.
+    offline.
 
     Problems of the checkpoint become findings; only a target that cannot be read at all raises: a
     :class:`~shardkit.errors.CheckpointError` for no such path or no checkpoint in it, a
@@ -77,7 +78,7 @@ def validate(
     else:
         checkpoint = check_checkpoint(source, selected, report, whole_folder=whole_folder, variant=variant)
     if deep or checksums:
-        checkpoint = _check_data(source, selected, checkpoint, report, deep=deep, checksums=checksums)
+        checkpoint = _check_data(source, selected, checkpoint, report, deep=deep, checksums=checksums, progress=progress)
     if checkpoint is not None:
         _check_tied(source, checkpoint, report, model_config)
     if checkpoint is not None and model_config:
@@ -110,7 +111,7 @@ def validate(
 
 
 def _check_data(
-    source, selected: str | None, checkpoint: Checkpoint | None, report: Report, *, deep: bool, checksums
+    source, selected: str | None, checkpoint: Checkpoint | None, report: Report, *, deep: bool, checksums, progress: bool
 ) -> Checkpoint | None:
     """``--deep`` and ``--checksums``: read the tensor data (a Hub repo's checkpoint is downloaded first).
 
@@ -131,7 +132,17 @@ def _check_data(
         report.tensors_checked = max(report.tensors_checked, downloaded.tensors_checked)
     scanned = 0
     if checkpoint is not None:
-        scanned = check_data(checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder)
+        from ..progress import byte_bar, threadsafe_update
+
+        what = "checking tensors" if deep else "hashing tensors"
+        bar = byte_bar(sum(e.nbytes for e in checkpoint.stored), enabled=progress, desc=what)
+        try:
+            scanned = check_data(
+                checkpoint, report, nan_inf_zero=deep, checksums=checksums, relative_to=folder, progress=threadsafe_update(bar)
+            )
+        finally:
+            if bar is not None:
+                bar.close()
     if not scanned and report.ok:  # when errors explain it, one more would only repeat them
         what = "--deep" if deep else "--checksums"
         written = " and no checksum manifest was written" if checksums and not os.path.exists(checksums) else ""

@@ -1,9 +1,11 @@
 """``--deep`` and ``--checksums``: read the tensor data itself.
 
-Contiguous tensors are streamed in chunks of :data:`CHUNK` bytes (so memory stays bounded whatever a tensor's
-size) through SHA-256 and, for floating-point dtypes, NaN/Inf/zero counts done by torch on each chunk. Views
-into larger storages and legacy torch files are materialized one tensor at a time with
-:func:`shardkit.materialize.load_tensor`. Checksums are per tensor over its C-order little-endian bytes, so a manifest
+``--checksums`` alone never imports torch for a tensor whose bytes are one run in the file (every safetensors
+tensor, contiguous torch zip tensors): those bytes *are* its C-order bytes, hashed straight from the file by
+:mod:`shardkit.hashing` (large reads, several tensors at once on threads). ``--deep`` streams each tensor in chunks
+of :data:`CHUNK` bytes (memory bounded whatever a tensor's size) through SHA-256 and, for floating-point dtypes,
+NaN/Inf/zero counts done by torch on each chunk. Views into larger storages and legacy torch files are
+materialized one tensor at a time with :func:`shardkit.materialize.load_tensor` (torch) in both cases. Checksums are per tensor over its C-order little-endian bytes, so a manifest
 written before ``split`` or ``convert`` can be compared with the result; shared tensors (aliases) are listed once.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 
 import orjson
 
@@ -34,26 +37,86 @@ def check_data(
     nan_inf_zero: bool = True,
     checksums: str | os.PathLike | None = None,
     relative_to: str | os.PathLike | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> int:
     """Read every stored tensor of ``checkpoint``; record NaN/Inf/all-zero findings and handle the manifest.
 
     Returns how many tensors were read. A manifest is never written from nothing (no tensor read).
-    """
-    import torch  # --deep is the one validate path that needs tensors
 
+    ``progress`` is called with the number of bytes read as the work goes (from several threads).
+    """
     digests: dict[str, dict] = {}
-    by_file: dict[str, list[TensorEntry]] = {}
-    for entry in checkpoint.stored:
-        by_file.setdefault(entry.file, []).append(entry)
-    for path, entries in by_file.items():
-        shown = os.path.relpath(path, relative_to) if relative_to else path
+    readable: list[TensorEntry] = []
+    for path, entries in _by_file(checkpoint.stored).items():
         try:
-            handle = open(path, "rb")
+            with open(path, "rb"):
+                readable += entries
         except OSError as exc:
-            report.add("deep-skipped", f"cannot be opened to read tensor data ({exc.strerror}).", file=shown)
-            continue
-        with handle:
-            for entry in sorted(entries, key=lambda e: e.offset if e.offset is not None else -1):
+            report.add("deep-skipped", f"cannot be opened to read tensor data ({exc.strerror}).", file=_shown(path, relative_to))
+    if nan_inf_zero:
+        _scan_all(readable, report, digests, relative_to, progress)
+    else:
+        _hash_all(readable, report, digests, relative_to, progress)
+    if checksums and (digests or os.path.exists(checksums)):
+        _manifest(report, os.fspath(checksums), digests)
+    return len(digests)
+
+
+def _by_file(entries) -> dict[str, list[TensorEntry]]:
+    by_file: dict[str, list[TensorEntry]] = {}
+    for entry in entries:
+        by_file.setdefault(entry.file, []).append(entry)
+    for group in by_file.values():
+        group.sort(key=lambda e: e.offset if e.offset is not None else -1)
+    return by_file
+
+
+def _shown(path: str, relative_to) -> str:
+    return os.path.relpath(path, relative_to) if relative_to else path
+
+
+def _hash_all(entries: list[TensorEntry], report: Report, digests: dict, relative_to, progress) -> None:
+    """SHA-256 of every tensor without torch where its bytes are one run: straight from the file, on threads."""
+    from ..hashing import map_threads, sha256_file
+
+    direct = [e for e in entries if e.offset is not None]
+
+    def digest(entry: TensorEntry) -> str | Exception:
+        try:
+            return sha256_file(entry.file, start=entry.offset, length=entry.nbytes, progress=progress)
+        except (OSError, EOFError) as exc:
+            return exc
+
+    # largest first, so that one big tensor does not finish alone at the end
+    order = sorted(direct, key=lambda e: -e.nbytes)
+    for entry, result in zip(order, map_threads(digest, order)):
+        shown = _shown(entry.file, relative_to)
+        if isinstance(result, EOFError):
+            report.add(
+                "short-read", f"file ends before the end of tensor {entry.name!r} (truncated?).", file=shown, tensor=entry.name
+            )
+        elif isinstance(result, Exception):
+            report.add("deep-skipped", f"cannot be read ({result}).", file=shown, tensor=entry.name)
+        else:
+            digests[entry.name] = _record(entry, result, shown)
+    others = [e for e in entries if e.offset is None]
+    if others:  # views into larger storages and legacy files: through torch, one tensor at a time
+        _scan_all(others, report, digests, relative_to, progress, nan_inf_zero=False)
+
+
+def _record(entry: TensorEntry, sha256: str, shown: str) -> dict:
+    return {"sha256": sha256, "dtype": entry.dtype, "shape": list(entry.shape), "file": shown}
+
+
+def _scan_all(
+    entries: list[TensorEntry], report: Report, digests: dict, relative_to, progress, *, nan_inf_zero: bool = True
+) -> None:
+    import torch  # counting NaN/Inf and materializing views are the validate paths that need tensors
+
+    for path, group in _by_file(entries).items():
+        shown = _shown(path, relative_to)
+        with open(path, "rb") as handle:
+            for entry in group:
                 try:
                     stats = _scan(torch, entry, handle)
                 except CheckpointError as exc:
@@ -64,12 +127,12 @@ def check_data(
                 except ShardkitError as exc:  # a dtype this torch build cannot hold
                     report.add("deep-skipped", f"{exc}.", file=shown, tensor=entry.name)
                     continue
-                digests[entry.name] = {"sha256": stats["sha256"], "dtype": entry.dtype, "shape": list(entry.shape)}
+                finally:
+                    if progress is not None:
+                        progress(entry.nbytes)
+                digests[entry.name] = _record(entry, stats["sha256"], shown)
                 if nan_inf_zero:
                     _report_stats(report, shown, entry, stats)
-    if checksums and (digests or os.path.exists(checksums)):
-        _manifest(report, os.fspath(checksums), digests)
-    return len(digests)
 
 
 def _scan(torch, entry: TensorEntry, handle) -> dict:
@@ -133,7 +196,8 @@ def _report_stats(report: Report, file: str, entry: TensorEntry, stats: dict) ->
 def _manifest(report: Report, path: str, digests: dict[str, dict]) -> None:
     """Compare with the manifest at ``path`` if it exists, else write it (atomically)."""
     if not os.path.exists(path):
-        data = {"format": MANIFEST_FORMAT, "algorithm": "sha256", "tensors": dict(sorted(digests.items()))}
+        tensors = {name: {k: v for k, v in row.items() if k != "file"} for name, row in sorted(digests.items())}
+        data = {"format": MANIFEST_FORMAT, "algorithm": "sha256", "tensors": tensors}
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checksums-", suffix=".tmp")
         try:
@@ -161,8 +225,13 @@ def _manifest(report: Report, path: str, digests: dict[str, dict]) -> None:
                 "checksum-missing", "listed in the manifest but not in the checkpoint (or not readable).", file=path, tensor=name
             )
         elif digests[name]["sha256"] != sha:
-            report.add("checksum-mismatch", "the tensor's bytes differ from the manifest's SHA-256.", file=path, tensor=name)
+            report.add(
+                "checksum-mismatch",
+                f"the tensor's bytes differ from the SHA-256 in the manifest {path}.",
+                file=digests[name]["file"],
+                tensor=name,
+            )
     for name in digests:
         if name not in expected:
-            report.add("checksum-unlisted", "not in the manifest.", file=path, tensor=name)
+            report.add("checksum-unlisted", f"not in the manifest {path}.", file=digests[name]["file"], tensor=name)
     report.checksums_matched = sum(1 for name, sha in expected.items() if name in digests and digests[name]["sha256"] == sha)
