@@ -112,8 +112,8 @@ def main() -> None:
         base = statistics.median(times["sha256sum (per file)"])
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(
-            f"{folder if args.checkpoint else 'random checkpoint'}: {len(paths)} files, {total / 1e6:.0f} MB, warm page cache, {cores} cores, "
-            f"whole processes, median of {args.repeat}"
+            f"{folder if args.checkpoint else 'random checkpoint'}: {len(paths)} files, {total / 1e6:.0f} MB, "
+            f"warm page cache, {cores} cores, whole processes, median of {args.repeat}"
         )
         for name, values in times.items():
             median = statistics.median(values)

@@ -5,7 +5,9 @@ tensor, contiguous torch zip tensors): those bytes *are* its C-order bytes, hash
 :mod:`shardkit.hashing` (large reads, several tensors at once on threads). ``--deep`` streams each tensor in chunks
 of :data:`CHUNK` bytes (memory bounded whatever a tensor's size) through SHA-256 and, for floating-point dtypes,
 NaN/Inf/zero counts done by torch on each chunk. Views into larger storages and legacy torch files are
-materialized one tensor at a time with :func:`shardkit.materialize.load_tensor` (torch) in both cases. Checksums are per tensor over its C-order little-endian bytes, so a manifest
+materialized one tensor at a time with :func:`shardkit.materialize.load_tensor` (torch) in both cases.
+
+Checksums are per tensor over its C-order little-endian bytes, so a manifest
 written before ``split`` or ``convert`` can be compared with the result; shared tensors (aliases) are listed once.
 """
 
