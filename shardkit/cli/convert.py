@@ -28,6 +28,7 @@ def convert_command(
     verify,
     dry_run,
     as_json,
+    weights_only,
     quiet,
     **transforms,
 ) -> None:
@@ -50,6 +51,7 @@ def convert_command(
         token=token,
         quiet=quiet,
         dry_run=dry_run,
+        other_files=not weights_only,
     )
     summary = convert(
         checkpoint,
@@ -61,6 +63,7 @@ def convert_command(
         verify=verify,
         dry_run=dry_run,
         progress=not quiet and not as_json,
+        weights_only=weights_only,
         **transforms,
     )
     finish(summary, as_json, token=token, quiet=quiet, **push)

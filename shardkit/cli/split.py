@@ -74,6 +74,12 @@ def write_options(command):
         click.option("--verify", is_flag=True, help="Read every written tensor back and compare it with its source."),
         click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, tensor counts) and write nothing."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option(
+            "--weights-only",
+            is_flag=True,
+            help="Write only the checkpoint; by default the model's other files (config, tokenizer, README...) of a "
+            "SRC folder or repo are put into DST too (hard links where possible).",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
         click.option(
             "--push-to",
@@ -112,6 +118,7 @@ def split_command(
     verify,
     dry_run,
     as_json,
+    weights_only,
     quiet,
     **transforms,
 ) -> None:
@@ -134,6 +141,7 @@ def split_command(
         token=token,
         quiet=quiet,
         dry_run=dry_run,
+        other_files=not weights_only,
     )
     summary = split(
         checkpoint,
@@ -145,6 +153,7 @@ def split_command(
         verify=verify,
         dry_run=dry_run,
         progress=not quiet and not as_json,
+        weights_only=weights_only,
         **transforms,
     )
     finish(summary, as_json, token=token, quiet=quiet, **push)
@@ -178,9 +187,12 @@ def _quiet_library_warnings() -> None:
     warnings.simplefilter("ignore", TransformWarning)
 
 
-def source_checkpoint(src: str, *, revision, subfolder, variant, repo_type, token, quiet: bool, dry_run: bool):
+def source_checkpoint(
+    src: str, *, revision, subfolder, variant, repo_type, token, quiet: bool, dry_run: bool, other_files: bool = True
+):
     """The table of SRC: a local path, or a Hub repo id's checkpoint (``dry_run``: from remote headers, nothing
-    downloaded; otherwise its checkpoint files downloaded into the Hugging Face cache, or found there offline)."""
+    downloaded; otherwise its checkpoint files, and with ``other_files`` its config, tokenizer and other small
+    files, downloaded into the Hugging Face cache, or found there offline)."""
     import os
 
     from ..reader import open_checkpoint
@@ -192,7 +204,7 @@ def source_checkpoint(src: str, *, revision, subfolder, variant, repo_type, toke
         if quiet:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         kwargs = dict(revision=revision, subfolder=subfolder, variant=variant, repo_type=repo_type, token=token)
-        return open_checkpoint(download_checkpoint(src, **kwargs, with_config=True), variant=variant)
+        return open_checkpoint(download_checkpoint(src, **kwargs, with_config=True, other_files=other_files), variant=variant)
     # local files, or a dry run of a repo: its table from headers, nothing downloaded
     return read_table(open_source(src, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token), variant)
 

@@ -20,6 +20,7 @@ def download_checkpoint(
     repo_type: str = "model",
     token: str | bool | None = None,
     with_config: bool = False,
+    other_files: bool = False,
 ) -> Path:
     """Download the checkpoint of ``repo_id`` and return the local folder holding it (a cache snapshot folder).
 
@@ -29,6 +30,8 @@ def download_checkpoint(
     as the commit, as huggingface_hub does. Raises :class:`~shardkit.errors.HubError` when the repo can't be
     reached and isn't cached, :class:`CheckpointError` when it holds no checkpoint or lacks a shard.
     ``with_config`` also fetches the repo's ``config.json`` (when it has one), which transforms read.
+    ``other_files`` also fetches the folder's other files (config, tokenizer, README…: what
+    :func:`shardkit.write.other_files.is_other_file` accepts), so that ``from_pretrained`` of the folder works.
     """
     from .cache import open_repo, write_ref
 
@@ -38,6 +41,10 @@ def download_checkpoint(
     folder = fetch_checkpoint(repo, repo.select_checkpoint(variant))
     if with_config and repo.size("config.json") is not None:  # what transforms read: --dtype auto, --experts…
         fetch_files(repo, ["config.json"])
+    if other_files:
+        from ..write.other_files import is_other_file
+
+        fetch_files(repo, sorted(name for name in repo.listing() if is_other_file(name)))
     write_ref(repo_id, revision, repo.commit, repo_type=repo.repo_type)
     return folder
 

@@ -23,6 +23,7 @@ from ..naming import OutputFormat
 from ..reader import open_checkpoint
 from ..table import Checkpoint
 from ..units import parse_size
+from .other_files import copy_other_files, find_other_files, source_folder
 from .plan import Plan, plan_convert, plan_split
 from .staging import Staging, check_destination, refuse_inside
 from .transforms import ExpertLayout, Transformed, Transforms, read_config, transform
@@ -46,6 +47,7 @@ class WriteSummary:
     names: int = 0  # names in the output, dropped aliases excluded
     total_size: int = 0  # tensor bytes: the index's metadata.total_size
     dropped: dict[str, str] = field(default_factory=dict)  # aliases recorded in metadata, not stored
+    other_files: list[str] = field(default_factory=list)  # config, tokenizer… copied from the source's folder
     #: with transforms: ``[{"from": [source names], "to": output name, "how": ...}]`` (``--dry-run`` prints it)
     mapping: list[dict] | None = None
     warnings: list[str] = field(default_factory=list)
@@ -73,6 +75,7 @@ def split(
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    weights_only: bool = False,
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
     rename: Sequence[str] = (),
@@ -103,10 +106,18 @@ def split(
     ``fp16``, ``fp32``, ``fp64`` or ``"auto"`` from config.json) with ``keep_dtype`` patterns, ``dequantize``
     (block-FP8 to bf16/fp16/fp32), ``experts`` (``"packed"`` or ``"per-expert"``), ``tie``/``untie``; or all of
     them as one ``transforms`` object (not both). ``config`` is the parsed config.json (default: the one beside
-    the checkpoint). ``overwrite``, ``verify``, ``dry_run``, ``progress``: see :func:`write`.
+    the checkpoint). ``overwrite``, ``verify``, ``dry_run``, ``progress``: see :func:`write`. The model's other
+    files beside ``src`` (config, tokenizer…; a Hub repo's are fetched) go into ``dst`` too unless ``weights_only``.
     """
     checkpoint = open_any(
-        src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token, headers_only=dry_run
+        src,
+        variant=variant,
+        revision=revision,
+        subfolder=subfolder,
+        repo_type=repo_type,
+        token=token,
+        headers_only=dry_run,
+        other_files=not weights_only,
     )
     given: dict[str, Any] = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix}
     given.update(keep_dtype=keep_dtype)
@@ -121,6 +132,7 @@ def split(
         verify=verify,
         dry_run=dry_run,
         progress=progress,
+        weights_only=weights_only,
         transformed=transformed,
         notes=notes,
     )
@@ -137,6 +149,7 @@ def convert(
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    weights_only: bool = False,
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
     rename: Sequence[str] = (),
@@ -161,11 +174,19 @@ def convert(
     tensors span the ranks' files): it is repacked into shards of :data:`DEFAULT_MAX_SHARD_SIZE`.
     """
     options: dict[str, Any] = dict(overwrite=overwrite, verify=verify, dry_run=dry_run, progress=progress)
+    options.update(weights_only=weights_only)
     given: dict[str, Any] = {"select": select, "drop": drop, "rename": rename, "strip_prefix": strip_prefix}
     given.update(keep_dtype=keep_dtype)
     given.update(dequantize=dequantize, experts=experts, tie=tie, untie=untie)
     checkpoint = open_any(
-        src, variant=variant, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token, headers_only=dry_run
+        src,
+        variant=variant,
+        revision=revision,
+        subfolder=subfolder,
+        repo_type=repo_type,
+        token=token,
+        headers_only=dry_run,
+        other_files=not weights_only,
     )
     if max_shard_size is None and checkpoint.format == "dcp":
         max_shard_size = DEFAULT_MAX_SHARD_SIZE
@@ -195,10 +216,12 @@ def open_any(
     repo_type: str = "model",
     token: str | bool | None = None,
     headers_only: bool = False,
+    other_files: bool = False,
 ) -> Checkpoint:
     """``src`` as a :class:`Checkpoint`: itself when it is one, the table of a local path when that exists, else the
-    table of a Hub repo's checkpoint downloaded into the Hugging Face cache (only its checkpoint files), or with
-    ``headers_only`` (a dry run) read from the repo's headers by HTTP ranges, nothing downloaded."""
+    table of a Hub repo's checkpoint downloaded into the Hugging Face cache (only its checkpoint files, and with
+    ``other_files`` the model's other small files), or with ``headers_only`` (a dry run) read from the repo's
+    headers by HTTP ranges, nothing downloaded."""
     if isinstance(src, Checkpoint):
         return src
     from ..sources import is_hub_id, open_source, read_table
@@ -214,6 +237,7 @@ def open_any(
             repo_type=repo_type,
             token=token,
             with_config=True,  # transforms read it (--dtype auto, --experts, --dequantize's block size)
+            other_files=other_files,
         )
         return open_checkpoint(folder, variant=variant)
     return read_table(open_source(src, revision=revision, subfolder=subfolder, repo_type=repo_type, token=token), variant)
@@ -258,6 +282,7 @@ def write(
     verify: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    weights_only: bool = False,
     transformed: Transformed | None = None,
     notes: list[str] | None = None,
 ) -> WriteSummary:
@@ -266,7 +291,8 @@ def write(
     Files are written into a temporary folder beside ``dst`` and fsynced; with ``verify`` every tensor is read back
     and compared with its source; then the folder is published (index last). On any error nothing is left at
     ``dst`` and :class:`~shardkit.errors.ShardkitError` is raised (``OutputError`` for write failures).
-    ``dry_run`` checks the destination and returns the plan's summary without writing.
+    ``dry_run`` checks the destination and returns the plan's summary without writing. Unless ``weights_only``,
+    the model's other files in the source's folder (:mod:`shardkit.write.other_files`) are put beside the output.
     """
     if not plan.files:
         raise UsageError(f"{checkpoint.source}: holds no tensors; nothing to write")
@@ -275,6 +301,9 @@ def write(
         refuse_inside(dst, checkpoint.source, [info.path for info in checkpoint.files])
     summary = _summary(checkpoint, plan, dst)
     summary.notes = list(notes or [])
+    others_from = None if weights_only or checkpoint.root == "" else source_folder(checkpoint.source)
+    if others_from is not None:
+        summary.other_files = find_other_files(others_from)
     if transformed is not None and transformed.listed:
         summary.mapping = transformed.mapping()
         summary.warnings = list(transformed.warnings)
@@ -292,6 +321,8 @@ def write(
         with Staging(dst, overwrite=overwrite) as staging, Sources() as sources:
             folder = str(staging.folder)
             written = write_plan(plan, folder, sources, bar.update if bar else lambda n: None, after_file=_stall_hook())
+            if summary.other_files:
+                copy_other_files(others_from, folder, summary.other_files)
             if transformed is not None and transformed.config is not None:
                 _write_config(folder, transformed.config)
             if verify:
@@ -315,7 +346,9 @@ def _write_config(folder: str, config: dict) -> None:
 
     data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
     path = os.path.join(folder, "config.json")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    if os.path.lexists(path):
+        os.unlink(path)  # the copied config.json may be a hard link to the source's: never write through it
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         write_all(fd, data, 0)
         os.fsync(fd)
