@@ -239,6 +239,9 @@ def report(summary: WriteSummary, as_json: bool) -> None:
         )
     for note in summary.notes:
         click.echo(f"  note: {note}")
+    if summary.other_files:
+        shown = ", ".join(summary.other_files[:4]) + (", ..." if len(summary.other_files) > 4 else "")
+        click.echo(f"  + {len(summary.other_files)} other file(s) of the model: {shown}")
     if summary.materialized:
         click.echo(f"  {summary.materialized} tensor(s) materialized (cast, view or legacy file)")
     if summary.verified:
