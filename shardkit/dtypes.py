@@ -104,6 +104,10 @@ _USER_NAMES = {
 }
 
 
+#: What ``--dtype`` accepts, in the words its help and its errors both use.
+CAST_CHOICES_TEXT = "bf16, fp16, fp32, fp64 or auto (config.json's dtype)"
+
+
 def parse_dtype(name: str) -> str:
     """Turn a user's dtype (``bf16``, ``torch.float16``, ``F32``) into shardkit's name; raise UsageError."""
     key = name.strip()

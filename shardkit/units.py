@@ -54,3 +54,14 @@ def format_size(size: int) -> str:
         if size >= factor:
             return f"{size / factor:.2f} {unit}"
     return f"{size} B"
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """``1 tensor``, ``2 tensors``, ``1,024 files`` (``words``: an irregular plural, e.g. ``aliases``)."""
+    return f"{count:,} {word if count == 1 else (words or word + 's')}"
+
+
+def tensor_count(tensors: int, aliases: int = 0) -> str:
+    """``52 tensors (+1 alias)``: stored tensors, and the names that share their bytes (the same in every command)."""
+    text = plural(tensors, "tensor")
+    return f"{text} (+{plural(aliases, 'alias', 'aliases')})" if aliases else text

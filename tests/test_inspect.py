@@ -40,7 +40,7 @@ def test_human_output_lists_aliases_and_skipped(tmp_path):
     lines = out.splitlines()
     assert lines[0].split() == ["source", str(path)]
     assert lines[1].split() == ["format", "torch-zip"]
-    assert lines[2].split() == ["tensors", "6"]
+    assert lines[2].split() == ["tensors", "6", "tensors", "(+1", "alias)"]  # as validate counts them
     assert "aliases (share bytes with)" in out
     assert "  model.embed_tokens.weight -> lm_head.weight" in lines
     assert "  epoch: int beside the 'state_dict' state dict" in lines
@@ -58,7 +58,7 @@ def test_tensor_listing(tmp_path):
         "dtype": "F32",
         "shape": [8],
         "bytes": 32,
-        "file": str(path),
+        "file": "pytorch_model.bin",  # relative to the checkpoint's folder, like "files"
         "alias_of": None,
     }
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..inspect import split_dims, summarize
 from ..sources import open_source, read_table
-from ..units import format_size
+from ..units import format_size, tensor_count
 from . import emit_json, hub_options
 
 
@@ -36,7 +38,14 @@ def inspect_command(
     summary = summarize(checkpoint)
     if list_tensors:
         summary["tensor_list"] = [
-            {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "file": e.file, "alias_of": e.alias_of}
+            {
+                "name": e.name,
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "bytes": e.nbytes,
+                "file": os.path.relpath(e.file, checkpoint.root) if checkpoint.root and os.path.isabs(e.file) else e.file,
+                "alias_of": e.alias_of,
+            }
             | ({"chunks": len(e.chunks), "split_dims": list(split_dims(e))} if e.chunks else {})
             for e in checkpoint
         ]
@@ -53,7 +62,7 @@ def render(summary: dict) -> str:
     rows = [
         ("source", summary["source"]),
         ("format", summary["format"] + (" (sharded, " + summary["index"] + ")" if summary["sharded"] else "")),
-        ("tensors", f"{summary['tensors']:,}"),
+        ("tensors", tensor_count(summary["tensors"], len(summary["aliases"]))),
         ("parameters", f"{summary['params']:,}"),
         ("size", f"{format_size(summary['bytes'])} ({summary['bytes']:,} bytes)"),
         (
@@ -68,14 +77,14 @@ def render(summary: dict) -> str:
     lines.append("")
     lines.append("dtypes")
     for dtype, row in summary["dtypes"].items():
-        lines.append(f"  {dtype:<8} {row['tensors']:>7,} tensors  {format_size(row['bytes']):>10}  {row['share']:>6.1%}")
+        lines.append(f"  {dtype:<8} {_tensors(row['tensors'])}  {format_size(row['bytes']):>10}  {row['share']:>6.1%}")
 
     lines.append("")
     lines.append(f"files ({len(summary['files'])})")
     name_width = max((len(f["path"]) for f in summary["files"]), default=0)
     for info in summary["files"]:
         lines.append(
-            f"  {info['path']:<{name_width}}  {format_size(info['size']):>10}  {info['tensors']:>6,} tensors  {info['format']}"
+            f"  {info['path']:<{name_width}}  {format_size(info['size']):>10}  {_tensors(info['tensors'])}  {info['format']}"
         )
 
     if "groups" in summary:
@@ -103,7 +112,34 @@ def render(summary: dict) -> str:
     if "tensor_list" in summary:
         lines.append("")
         lines.append("tensors")
-        for row in summary["tensor_list"]:
-            alias = f"  = {row['alias_of']}" if row["alias_of"] else ""
-            lines.append(f"  {row['name']}  {row['dtype']} {row['shape']}{alias}")
+        lines += _table(
+            ["name", "dtype", "shape", "size", "file"],
+            [
+                [
+                    row["name"],
+                    row["dtype"],
+                    "[" + ", ".join(map(str, row["shape"])) + "]",
+                    format_size(row["bytes"]),
+                    f"= {row['alias_of']}" if row["alias_of"] else row["file"],
+                ]
+                for row in summary["tensor_list"]
+            ],
+            right={3},
+        )
     return "\n".join(lines)
+
+
+def _tensors(count: int) -> str:
+    """A right-aligned count column that still says ``1 tensor``."""
+    return f"{count:>7,} {'tensor ' if count == 1 else 'tensors'}"
+
+
+def _table(header: list[str], rows: list[list[str]], *, right: set[int] = frozenset()) -> list[str]:
+    """Rows in aligned columns under ``header`` (columns in ``right`` right-aligned), indented by two spaces."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        parts = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
+        return ("  " + "  ".join(parts)).rstrip()
+
+    return [line(header)] + [line(row) for row in rows]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..units import format_size
+from ..dtypes import CAST_CHOICES_TEXT
+from ..units import format_size, plural, tensor_count
 from ..write import DEFAULT_MAX_SHARD_SIZE, WriteSummary
 from . import emit_json, hub_options
 from .push import push_options, split_push_options
@@ -23,8 +24,8 @@ def write_options(command):
         ),
         click.option(
             "--dtype",
-            help="Cast floating tensors to bf16, fp16 or fp32, or 'auto' for config.json's dtype (through torch, one "
-            "tensor at a time). The output config.json states the new dtype.",
+            help=f"Cast floating tensors to {CAST_CHOICES_TEXT} (through torch, one tensor at a time). The output "
+            "config.json states the new dtype.",
         ),
         click.option(
             "--keep-dtype",
@@ -224,25 +225,29 @@ def report(summary: WriteSummary, as_json: bool) -> None:
             click.echo(f"{old} -> {row['to']}{how}")
     verb = "would write" if summary.dry_run else "wrote"
     click.echo(
-        f"{verb} {summary.destination} ({summary.format}, {len(summary.files)} file(s), "
-        f"{summary.tensors} tensors, {format_size(summary.total_size)})"
+        f"{verb} {summary.destination} ({summary.format}, {plural(len(summary.files), 'file')}, "
+        f"{tensor_count(summary.tensors, len(summary.dropped))}, {format_size(summary.total_size)} of tensor data)"
     )
     width = max(len(f["name"]) for f in summary.files)
     for info in summary.files:
-        click.echo(f"  {info['name']:<{width}}  {format_size(info['size']):>10}  {info['tensors']:>6} tensors")
+        click.echo(f"  {info['name']:<{width}}  {format_size(info['size']):>10}  {_tensors(info['tensors'])}")
     if summary.index:
         click.echo(f"  {summary.index}")
     if summary.dropped:
         click.echo(
-            f"  {len(summary.dropped)} shared name(s) recorded in metadata: "
+            f"  {plural(len(summary.dropped), 'shared name')} recorded in metadata: "
             + ", ".join(f"{a} -> {k}" for a, k in list(summary.dropped.items())[:3])
         )
     for note in summary.notes:
         click.echo(f"  note: {note}")
     if summary.other_files:
         shown = ", ".join(summary.other_files[:4]) + (", ..." if len(summary.other_files) > 4 else "")
-        click.echo(f"  + {len(summary.other_files)} other file(s) of the model: {shown}")
+        click.echo(f"  + {plural(len(summary.other_files), 'other file')} of the model: {shown}")
     if summary.materialized:
-        click.echo(f"  {summary.materialized} tensor(s) materialized (cast, view or legacy file)")
+        click.echo(f"  {plural(summary.materialized, 'tensor')} materialized (cast, view or legacy file)")
     if summary.verified:
         click.echo("  verified: every tensor read back equals its source")
+
+
+def _tensors(count: int) -> str:
+    return f"{count:>6} {'tensor' if count == 1 else 'tensors'}"

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..units import format_size
+from ..units import format_size, plural, tensor_count
 from . import emit_json, hub_options, stdout_closed
 
 
@@ -50,22 +50,28 @@ def validate_command(
     (org/name) when no such local path exists. Only headers are read (a Hub repo's shards through HTTP range
     requests) unless --deep or --checksums asks for tensor data.
     """
+    from ..errors import ShardkitError
     from ..validation import validate
 
-    report = validate(
-        target,
-        revision=revision,
-        subfolder=subfolder,
-        variant=variant,
-        repo_type=repo_type,
-        token=token,
-        deep=deep,
-        checksums=checksums,
-        model_config=model_config,
-        against=against,
-        verify_blobs=verify_blobs,
-        progress=not quiet and not as_json,
-    )
+    try:
+        report = validate(
+            target,
+            revision=revision,
+            subfolder=subfolder,
+            variant=variant,
+            repo_type=repo_type,
+            token=token,
+            deep=deep,
+            checksums=checksums,
+            model_config=model_config,
+            against=against,
+            verify_blobs=verify_blobs,
+            progress=not quiet and not as_json,
+        )
+    except ShardkitError as exc:
+        if as_json:  # CI parses every outcome: a document on stdout, the one-line error on stderr, exit 2
+            emit_json(unreadable(target, exc))
+        raise
     try:
         if as_json:
             emit_json(report.to_dict())
@@ -74,6 +80,22 @@ def validate_command(
     except BrokenPipeError:
         stdout_closed()  # the verdict is still the exit code
     sys.exit(0 if report.ok else 1)
+
+
+def unreadable(target: str, exc) -> dict:
+    """The ``--json`` document of a TARGET that could not be read at all (the report's keys, and the error)."""
+    return {
+        "target": target,
+        "checkpoint": None,
+        "verdict": "unreadable",
+        "errors": 1,
+        "warnings": 0,
+        "files_checked": 0,
+        "tensors_checked": 0,
+        "aliases_checked": 0,
+        "error": {"code": exc.code, "message": str(exc)},
+        "findings": [],
+    }
 
 
 def render(report) -> str:
@@ -87,7 +109,10 @@ def render(report) -> str:
             where = " ".join(part for part in (f.file, f"[{f.tensor}]" if f.tensor else None) if part)
             lines.append(f"  {f.code:<22} {where + ': ' if where else ''}{f.message}")
         lines.append("")
-    scope = f"{report.files_checked} files, {report.tensors_checked} tensors"
+    if report.files_checked:
+        scope = f"{plural(report.files_checked, 'file')} read, {tensor_count(report.tensors_checked, report.aliases_checked)}"
+    else:
+        scope = "no checkpoint file could be read"
     if report.bytes_downloaded:
         scope += f", {format_size(report.bytes_downloaded)} downloaded"
     if report.server_ignored_range:
@@ -97,8 +122,8 @@ def render(report) -> str:
     if report.checksums_written:
         scope += f", checksums written to {report.checksums_written}"
     if report.checksums_matched is not None:
-        scope += f", {report.checksums_matched} tensors match the checksum manifest"
-    counts = f"{len(report.errors)} errors, {len(report.warnings)} warnings"
+        scope += f", {plural(report.checksums_matched, 'tensor')} match the checksum manifest"
+    counts = f"{plural(len(report.errors), 'error')}, {plural(len(report.warnings), 'warning')}"
     verdict = {"sound": "SOUND", "sound-with-warnings": "SOUND (with warnings)", "broken": "BROKEN"}[report.verdict]
     lines.append(f"{verdict}: {report.target} ({report.checkpoint}): {counts}; {scope}")
     return "\n".join(lines)

@@ -53,7 +53,7 @@ def _check_single(source, name: str, report: Report) -> Checkpoint | None:
     checkpoint = Checkpoint(source=source.label, format=info.format, entries={e.name: e for e in entries}, files=[info])
     add_declared_aliases(checkpoint, info.metadata or {})
     layout.check_file(name, info, entries, report)
-    report.tensors_checked = len(checkpoint)
+    _count(checkpoint, report)
     return checkpoint
 
 
@@ -98,8 +98,13 @@ def _check_sharded(source, index_name: str, report: Report) -> Checkpoint | None
     unread = len(set(weight_map.values())) - len(opened)
     _check_total_size(index_name, index.metadata, checkpoint.total_bytes, unread, report)
     layout.check_numbering(index_name, sorted(set(weight_map.values())), report)
-    report.tensors_checked = len(checkpoint)
+    _count(checkpoint, report)
     return checkpoint
+
+
+def _count(checkpoint: Checkpoint, report: Report) -> None:
+    stored = len(checkpoint.stored)
+    report.tensors_checked, report.aliases_checked = stored, len(checkpoint) - stored
 
 
 def _open(source, name: str, report: Report, *, shown: str | None = None):

@@ -46,7 +46,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     checkpoint: str | None = None  # the index or file that was validated, relative to the target
     files_checked: int = 0
-    tensors_checked: int = 0
+    tensors_checked: int = 0  # stored tensors (as inspect counts them)
+    aliases_checked: int = 0  # names sharing a stored tensor's bytes (tied weights)
     bytes_downloaded: int = 0
     checksums_written: str | None = None
     checksums_matched: int | None = None  # tensors whose SHA-256 equals the --checksums manifest's
@@ -90,6 +91,7 @@ class Report:
             "warnings": len(self.warnings),
             "files_checked": self.files_checked,
             "tensors_checked": self.tensors_checked,
+            "aliases_checked": self.aliases_checked,
             "bytes_downloaded": self.bytes_downloaded,
             "checksums_written": self.checksums_written,
             "checksums_matched": self.checksums_matched,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
-from ..dtypes import parse_dtype
+from ..dtypes import CAST_CHOICES_TEXT, parse_dtype
 from ..errors import OutputError, UsageError
 from ..fileio import write_all
 from ..naming import OutputFormat
@@ -357,7 +357,11 @@ def _write_config(folder: str, config: dict) -> None:
 
 
 def _summary(checkpoint: Checkpoint, plan: Plan, dst: str) -> WriteSummary:
-    files = [{"name": f.name, "size": f.nbytes, "tensors": len(f.tensors)} for f in plan.files]
+    from .files import planned_size
+
+    metadata = plan.file_metadata() if plan.format == "safetensors" else None
+    # the sizes of the files to be written (headers and zip records included), as the real run reports them
+    files = [{"name": f.name, "size": planned_size(f, plan.format, metadata), "tensors": len(f.tensors)} for f in plan.files]
     return WriteSummary(
         source=checkpoint.source,
         destination=dst,
@@ -383,9 +387,12 @@ def _default_selection(checkpoint: Checkpoint) -> tuple[Checkpoint, list[str]]:
 def _dtype(dtype: str | None) -> str | None:
     if dtype is None:
         return None
-    parsed = parse_dtype(dtype)
+    try:
+        parsed = parse_dtype(dtype)
+    except UsageError:
+        parsed = None
     if parsed not in ("BF16", "F16", "F32", "F64"):
-        raise UsageError(f"cannot cast to {dtype!r}: use one of bf16, fp16, fp32, fp64")
+        raise UsageError(f"--dtype {dtype!r}: use one of {CAST_CHOICES_TEXT}", code="bad-option")
     return parsed
 
 

@@ -158,20 +158,11 @@ def write_safetensors(path: str, planned: PlannedFile, metadata: dict | None, so
 
 def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progress) -> int:
     """One torch zip holding ``planned`` as an ``OrderedDict``; aliases share their tensor. Returns its size."""
-    keys = {t.name: str(i) for i, t in enumerate(planned.tensors)}
-    by_name = {t.name: t for t in planned.tensors}
-    pickled = {name: PickledTensor(t.dtype, t.shape, keys[name], t.nbytes) for name, t in by_name.items()}
-    prefix = os.path.splitext(os.path.basename(path))[0]
     fd = _create(path)
     try:
-        archive = ZipWriter(fd, prefix)
-        archive.add("data.pkl", state_dict_pickle([(name, pickled[stored]) for name, stored in planned.keys.items()]))
-        archive.add(".format_version", b"1")
-        archive.add(".storage_alignment", b"64")
-        archive.add("byteorder", b"little")
         writeback = Writeback(fd)
-        for tensor in planned.tensors:
-            offset = archive.begin(f"data/{keys[tensor.name]}", tensor.nbytes)
+
+        def write_tensor(tensor: PlannedTensor, offset: int) -> int:
             ranges = tensor.ranges
             if tensor.materialize:
                 crc = _write_materialized(fd, offset, tensor, sources)
@@ -185,13 +176,42 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
                         crc = copy_buffered(sources.fd(file), start + piece, fd, at, count, file, crc=crc)
                         at += count
                         writeback.advance(at)
-            archive.end(crc)
             progress(tensor.nbytes)
-        archive.add("version", b"3\n")
-        archive.add(".data/serialization_id", _serialization_id(planned))
-        size = archive.close()
+            return crc
+
+        size = _write_zip(fd, planned, os.path.splitext(os.path.basename(path))[0], write_tensor)
         os.ftruncate(fd, size)
         return size
+    finally:
+        os.close(fd)
+
+
+def _write_zip(fd: int, planned: PlannedFile, prefix: str, write_tensor: Callable[[PlannedTensor, int], int]) -> int:
+    """The torch zip's records around each tensor's data (``write_tensor(tensor, offset)`` returns its CRC-32)."""
+    keys = {t.name: str(i) for i, t in enumerate(planned.tensors)}
+    by_name = {t.name: t for t in planned.tensors}
+    pickled = {name: PickledTensor(t.dtype, t.shape, keys[name], t.nbytes) for name, t in by_name.items()}
+    archive = ZipWriter(fd, prefix)
+    archive.add("data.pkl", state_dict_pickle([(name, pickled[stored]) for name, stored in planned.keys.items()]))
+    archive.add(".format_version", b"1")
+    archive.add(".storage_alignment", b"64")
+    archive.add("byteorder", b"little")
+    for tensor in planned.tensors:
+        offset = archive.begin(f"data/{keys[tensor.name]}", tensor.nbytes)
+        archive.end(write_tensor(tensor, offset))
+    archive.add("version", b"3\n")
+    archive.add(".data/serialization_id", _serialization_id(planned))
+    return archive.close()
+
+
+def planned_size(planned: PlannedFile, fmt: str, metadata: dict | None) -> int:
+    """The exact size of the file :func:`write_safetensors` or :func:`write_bin` will write (for ``--dry-run``)."""
+    if fmt == "safetensors":
+        tensors = safetensors_order(planned.tensors)
+        return len(build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata)) + planned.nbytes
+    fd = os.open(os.devnull, os.O_WRONLY)  # the zip's records, written nowhere: only their positions count
+    try:
+        return _write_zip(fd, planned, os.path.splitext(planned.name)[0], lambda tensor, offset: 0)
     finally:
         os.close(fd)
 
