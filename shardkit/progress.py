@@ -16,6 +16,8 @@ def byte_bar(total: int, *, enabled: bool = True, desc: str | None = None):
     """A tqdm bar counting ``total`` bytes, or None when it would not be seen."""
     if not enabled or not _terminal():
         return None
+    import shutil
+
     from tqdm import tqdm
 
     return tqdm(
@@ -24,8 +26,12 @@ def byte_bar(total: int, *, enabled: bool = True, desc: str | None = None):
         unit="B",
         unit_scale=True,
         unit_divisor=1000,
+        # "1.20MB/3.00MB", as summaries print sizes (tqdm's default shows "1.20M/3.00M")
+        bar_format="{l_bar}{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]",
         file=sys.stderr,
-        dynamic_ncols=True,
+        # a terminal that reports no size (0x0, e.g. under `script`) would make tqdm hide the bar: assume 100x24
+        ncols=min(120, shutil.get_terminal_size((100, 24)).columns or 100),
+        nrows=shutil.get_terminal_size((100, 24)).lines or 24,
         leave=False,
     )
 

@@ -20,6 +20,7 @@ from ..dtypes import CAST_CHOICES_TEXT, parse_dtype
 from ..errors import OutputError, UsageError
 from ..fileio import write_all
 from ..naming import OutputFormat
+from ..progress import byte_bar
 from ..reader import open_checkpoint
 from ..table import Checkpoint
 from ..units import parse_size
@@ -316,7 +317,9 @@ def write(
     from .verify import verify_plan
 
     started = time.perf_counter()
-    bar = _progress_bar(plan.total_size * (2 if verify else 1), progress)
+    if progress and summary.materialized:
+        _import_torch_visibly()
+    bar = byte_bar(plan.total_size, enabled=progress, desc="writing")
     try:
         with Staging(dst, overwrite=overwrite) as staging, Sources() as sources:
             folder = str(staging.folder)
@@ -325,7 +328,10 @@ def write(
                 copy_other_files(others_from, folder, summary.other_files)
             if transformed is not None and transformed.config is not None:
                 _write_config(folder, transformed.config)
-            if verify:
+            if verify:  # the second pass gets a bar of its own
+                if bar is not None:
+                    bar.close()
+                bar = byte_bar(plan.total_size, enabled=progress, desc="verifying")
                 verify_plan(plan, folder, sources, bar.update if bar else lambda n: None)
             staging.commit()
     except OSError as exc:
@@ -396,12 +402,17 @@ def _dtype(dtype: str | None) -> str | None:
     return parsed
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+def _import_torch_visibly() -> None:
+    """Say so on the terminal while torch imports (seconds), before the bars of a run that casts or materializes."""
+    from ..progress import status
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, dynamic_ncols=True, leave=False)
+    clear = status("shardkit: importing torch for the tensors that must be materialized...")
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        pass  # the write itself says what to install
+    finally:
+        clear()
 
 
 def _stall_hook():
