@@ -69,3 +69,25 @@ def test_a_cast_says_it_is_importing_torch(tmp_path):
     code, err = run_on_terminal("split", checkpoint(tmp_path), tmp_path / "out", "--dtype", "bf16")
     assert code == 0, err
     assert "importing torch" in err and err.index("importing torch") < err.index("writing")
+
+
+def test_loading_shows_a_bar_with_opt_outs(tmp_path, monkeypatch, capsys):
+    import shardkit.progress
+    from shardkit import load_checkpoint_in_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    path = save_safetensors(model.state_dict(), tmp_path / "model.safetensors")
+    monkeypatch.setattr(shardkit.progress, "_terminal", lambda: True)  # stderr is captured, not a terminal
+    monkeypatch.delenv("SHARDKIT_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    load_checkpoint_in_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)), path)
+    assert "loading" in capsys.readouterr().err
+    load_checkpoint_in_model(model, path, progress=False)
+    assert capsys.readouterr().err == ""
+    for name in ("SHARDKIT_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(name, "1")
+        load_checkpoint_in_model(model, path)
+        assert capsys.readouterr().err == "", name
+        monkeypatch.delenv(name)
+    load_checkpoint_in_model(model, path, progress=True)
+    assert "loading" in capsys.readouterr().err

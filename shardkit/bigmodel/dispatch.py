@@ -422,13 +422,14 @@ def load_checkpoint_and_dispatch(
     broadcast_from_rank0: bool = False,
     routed_experts: bool = True,
     expert_cache: int | str | None = None,
+    progress: bool | None = None,
 ):
     """Plan (for a string ``device_map``), stream the checkpoint in, and dispatch: accelerate's one-call workflow.
 
     ``device_map=None`` (the default, as in accelerate) loads without dispatching: tensors go where the model's
     already are, meta ones to the CPU. ``offload_state_dict`` is accepted and has nothing to do: the load streams
     tensor by tensor, so no state dict is ever held. ``full_state_dict`` and ``broadcast_from_rank0`` are checked
-    by :func:`load_checkpoint_in_model`. Returns the model.
+    by :func:`load_checkpoint_in_model`, as is ``progress`` (the loading bar). Returns the model.
     """
     if no_split_module_classes is None:
         no_split_module_classes = getattr(model, "_no_split_modules", None)
@@ -445,6 +446,7 @@ def load_checkpoint_and_dispatch(
         strict=strict,
         full_state_dict=full_state_dict,
         broadcast_from_rank0=broadcast_from_rank0,
+        progress=progress,
     )
     if device_map is None:
         return model

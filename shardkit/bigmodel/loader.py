@@ -125,6 +125,7 @@ def load_checkpoint_in_model(
     strict: bool = False,
     full_state_dict: bool = True,
     broadcast_from_rank0: bool = False,
+    progress: bool | None = None,
 ) -> LoadResult:
     """Load ``checkpoint`` (anything :func:`shardkit.open_checkpoint` opens, or a Checkpoint) into ``model``.
 
@@ -142,7 +143,9 @@ def load_checkpoint_in_model(
     ``offload_8bit_bnb`` is honoured trivially for models without bitsandbytes 8-bit weights and refused for models
     with them; ``full_state_dict=False`` and ``broadcast_from_rank0=True`` (torch.distributed state dicts) are refused
     with a :class:`UsageError`: every process reads the checkpoint's full tensors from the files itself.
-    Returns the missing and unexpected keys.
+    ``progress`` (shardkit's own): a bar of the bytes read on stderr; None shows it when stderr is a terminal
+    and the environment variable ``SHARDKIT_DISABLE_PROGRESS_BARS`` is not set (as transformers' loading bar
+    heeds ``HF_HUB_DISABLE_PROGRESS_BARS``, which turns it off too). Returns the missing and unexpected keys.
     """
     import torch
 
@@ -225,7 +228,7 @@ def load_checkpoint_in_model(
         t.block = block_module(key, t.names[0], modules) if key is not None else ""
     pin = main.type == "cuda"  # ask CUDA nothing for a CPU/disk map: not even is_available()
     host = _allocate(loaded, pin)
-    store = _stream(checkpoint, loaded, offload_folder)
+    store = _stream(checkpoint, loaded, offload_folder, progress)
     _install(model, targets, host, store, offload_folder)
     return LoadResult(missing, unexpected)
 
@@ -282,17 +285,21 @@ def _allocate(targets: list[Target], pin: bool) -> dict:
     return host
 
 
-def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> OffloadStore | None:
-    """Read every loaded tensor once, in file order, into its destination or offload file."""
+def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder, progress: bool | None) -> OffloadStore | None:
+    """Read every loaded tensor once, in file order, into its destination or offload file (a bar counts the bytes)."""
     by_entry: dict[str, list[Target]] = {}
     for t in targets:
         by_entry.setdefault(t.entry.alias_of or t.entry.name, []).append(t)
     order = sorted(by_entry, key=lambda n: (checkpoint.entries[n].file, checkpoint.entries[n].offset or 0))
     disk = _plan_disk(checkpoint, by_entry, order, offload_folder)
+    bar = None
     try:
         direct, jobs = _plan_reads(checkpoint, by_entry, order, disk)
+        bar = _loading_bar(sum(e.nbytes for e, _ in direct) + sum(j.nbytes for j in jobs), progress)
         read_direct(direct)
-        _read_loop(jobs)
+        if bar is not None:
+            bar.update(sum(e.nbytes for e, _ in direct))
+        _read_loop(jobs, bar.update if bar is not None else None)
         if any(t.device != "disk" and t.device.type == "cuda" for t in targets):
             import torch
 
@@ -301,6 +308,9 @@ def _stream(checkpoint: Checkpoint, targets: list[Target], offload_folder) -> Of
     except BaseException:
         disk.abort()
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     if not disk.stored:
         return None
     return OffloadStore(disk.stored, disk.stamps, os.fspath(offload_folder) if offload_folder is not None else None)
@@ -444,7 +454,19 @@ def _materialize(entry):
     return load_tensor(entry)
 
 
-def _read_loop(jobs: list[_Job]) -> None:
+def _loading_bar(total: int, progress: bool | None):
+    """The load's bar, or None: ``progress`` False, or None with the opt-out variables set or no terminal."""
+    if progress is None:
+        progress = not any(
+            os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+            for name in ("SHARDKIT_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+        )
+    from ..progress import byte_bar
+
+    return byte_bar(total, enabled=progress and total > 0, desc="loading")
+
+
+def _read_loop(jobs: list[_Job], progress=None) -> None:
     """Feed every job's chunks to its sinks; GPU copies are ordered before their buffer is reused by CUDA events."""
     if not jobs:
         return
@@ -464,6 +486,8 @@ def _read_loop(jobs: list[_Job]) -> None:
             job = jobs[chunk.job]
             for sink in job.sinks:
                 sink(chunk.data, job.base + chunk.start)
+            if progress is not None:
+                progress(chunk.nbytes)
             event = None
             if job.on_gpu:
                 event = torch.cuda.Event()
