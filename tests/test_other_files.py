@@ -32,7 +32,7 @@ def test_minilm_split_loads_with_from_pretrained(tmp_path):
     out = tmp_path / "out"
     result = run_shardkit("split", minilm_dir(), out, "--max-shard-size", "30MB")
     assert result.returncode == 0, result.stderr
-    assert "other file(s) of the model" in result.stdout
+    assert "+ 11 other files of the model: 1_Pooling/config.json, README.md" in result.stdout
     for name in ("config.json", "tokenizer.json", "vocab.txt", "README.md", "modules.json", "1_Pooling/config.json"):
         assert (out / name).read_bytes() == (minilm_dir() / name).read_bytes(), name
     assert not (out / ".gitattributes").exists()
