@@ -324,7 +324,7 @@ def write(
         with Staging(dst, overwrite=overwrite) as staging, Sources() as sources:
             folder = str(staging.folder)
             written = write_plan(plan, folder, sources, bar.update if bar else lambda n: None, after_file=_stall_hook())
-            if summary.other_files:
+            if summary.other_files and others_from is not None:
                 copy_other_files(others_from, folder, summary.other_files)
             if transformed is not None and transformed.config is not None:
                 _write_config(folder, transformed.config)
