@@ -21,9 +21,8 @@ DEPTH = 3
 THREADS = 1
 
 #: Parallel reads (the loader's GPU ring and its direct reads into CPU-tier slabs, the disk tier's staging): pieces
-#: of this size from this many threads. On an H200 host, 6.7 GB from a warm page cache into pinned slabs: 16 MiB
-#: from 8 threads 0.25 s, 8 MiB from 8 0.27 s, 16 MiB from 4 0.46 s; cold, buffered reads of 16 MiB from 8
-#: threads ran at 1.72 GB/s where 8 MiB pieces reached 1.36 (the disk's O_DIRECT best: 1.96).
+#: of this size from this many threads: the fastest of the sizes and thread counts measured, warm and cold
+#: (docs/performance.md, "Measured design choices").
 PARALLEL_PIECE = 16 * 2**20
 PARALLEL_THREADS = 8
 #: Pinned buffers of the loader's GPU ring and of the disk tier's ring: two per thread, so each thread reads into
@@ -70,7 +69,7 @@ class ReadAhead:
         threads = max(1, min(threads, len(self.pieces)))
         depth = max(depth, threads)
         count = depth if self.pieces else 0
-        ring = allocate(self.chunk * count, pin=pin)  # one mapping, registered once: 16 registrations took 77 ms
+        ring = allocate(self.chunk * count, pin=pin)  # one mapping, registered once: each registration costs milliseconds
         self.buffers = [ring[i * self.chunk : (i + 1) * self.chunk] for i in range(count)]
         self._free: queue.Queue = queue.Queue()
         for slot in range(len(self.buffers)):

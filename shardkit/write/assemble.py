@@ -29,8 +29,8 @@ def can_assemble(entry: TensorEntry) -> bool:
 
 
 class Bands:
-    """Band buffers kept from one tensor to the next (allocating and zeroing them per tensor measured 1.4 s for a
-    1.5 GB model)."""
+    """Band buffers kept from one tensor to the next: allocating and zeroing them per tensor is slow (figures in
+    docs/performance.md, "Measured design choices")."""
 
     def __init__(self, count: int = 1) -> None:
         self.buffers = [bytearray() for _ in range(count)]

@@ -5,7 +5,7 @@ never depend on a file position. Memory used is at most one :data:`BUFFER_SIZE` 
 
 The kernel copies page by page: when source and destination offsets sit at different places within a page,
 every source page lands across two destination pages and an in-kernel copy (and the writeback after it) runs
-far slower than ``cp`` (measured 1.3-1.7x on ext4). Such ranges go through a small, cache-sized user-space
+far slower than ``cp`` (docs/performance.md, "Measured design choices"). Such ranges go through a small, cache-sized user-space
 buffer instead, which is as fast as ``cp``; ranges whose offsets agree modulo the page size use
 ``copy_file_range``.
 """
@@ -19,7 +19,7 @@ import zlib
 from ..fileio import read_exact, read_into, short_read, write_all
 
 #: The one buffer used when bytes must pass through user space (fallback copies, CRC, verification). Small
-#: enough to stay in the CPU cache between the read and the write: larger buffers measured slower.
+#: enough to stay in the CPU cache between the read and the write: larger buffers are slower.
 BUFFER_SIZE = 2 * 1024 * 1024
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -92,7 +92,7 @@ def copy_buffered(
 
 class Writeback:
     """Starts the kernel's writeback of an output file every :data:`STEP` bytes instead of leaving it all to the
-    final fsync, so that copying and writing to disk overlap (about 8% faster on the development machine)."""
+    final fsync, so that copying and writing to disk overlap (docs/performance.md, "Measured design choices")."""
 
     STEP = 64 * 1024 * 1024
 

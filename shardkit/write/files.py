@@ -303,8 +303,8 @@ def _return_large_blocks() -> None:
     """Have glibc serve blocks over 4 MiB with mmap and unmap them when freed.
 
     Otherwise its adaptive threshold moves large frees into the heap, where blocks of one tensor's size are not
-    reused for the next one: materializing 32 MiB tensors one by one measured 3x one tensor's worth of extra
-    peak RSS instead of 1.5x.
+    reused for the next one, and peak RSS grows by several tensors' worth (docs/performance.md, "Measured design
+    choices").
     """
     try:
         ctypes.CDLL(None).mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD; fixing it disables the adaptation
