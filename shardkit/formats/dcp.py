@@ -21,7 +21,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import orjson
 
@@ -120,7 +120,8 @@ def model_group(checkpoint: Checkpoint) -> tuple[Checkpoint, str] | None:
     nested = [name for name, path in checkpoint.key_paths.items() if len(path) > 1 and path[0] == "model"]
     if not nested or not all(name.startswith("model.") for name in nested):
         return None
-    kept, left = {}, {}
+    kept: dict[str, TensorEntry] = {}
+    left: dict[str, int] = {}
     for entry in checkpoint.stored:
         path = checkpoint.key_paths.get(entry.name, ())
         if len(path) > 1 and path[0] == "model":
@@ -162,7 +163,8 @@ def read_hf_sharded(source: str, folder: Path, names: list[str]) -> Checkpoint:
     from ..paths import resolve_in_folder
     from .safetensors import read_safetensors
 
-    files, pieces = [], {}
+    files: list[FileInfo] = []
+    pieces: dict[str, list[Chunk]] = {}
     for name in names:
         path = str(resolve_in_folder(folder, name, index_path=str(folder)))
         info, entries = read_safetensors(path)
@@ -179,7 +181,7 @@ def read_hf_sharded(source: str, folder: Path, names: list[str]) -> Checkpoint:
                     path, f"{SHARDING_KEY} gives no valid saved_offsets for {entry.name!r}", code="dcp-metadata-invalid"
                 )
             pieces.setdefault(entry.name, []).append(Chunk(offsets=tuple(offsets), sizes=entry.shape, entry=entry))
-    entries = {}
+    table: dict[str, TensorEntry] = {}
     for name, chunks in pieces.items():
         dtypes = {c.entry.dtype for c in chunks}
         if len(dtypes) != 1:
@@ -193,7 +195,7 @@ def read_hf_sharded(source: str, folder: Path, names: list[str]) -> Checkpoint:
         dtype = dtypes.pop()
         whole = [c for c in chunks if c.sizes == shape]
         base = whole[0].entry if len(whole) == 1 else None
-        entries[name] = TensorEntry(
+        table[name] = TensorEntry(
             name=name,
             dtype=dtype,
             shape=shape,
@@ -202,7 +204,7 @@ def read_hf_sharded(source: str, folder: Path, names: list[str]) -> Checkpoint:
             offset=base.offset if base else None,
             chunks=tuple(whole) if base else tuple(chunks),
         )
-    return Checkpoint(source=source, format="dcp", entries=entries, files=files, root=str(folder))
+    return Checkpoint(source=source, format="dcp", entries=table, files=files, root=str(folder))
 
 
 def dcp_folder(path: Path) -> Path:
@@ -426,15 +428,15 @@ class _ChunkReader:
 
         rel = info.relative_path
         if rel not in self._handles:
-            path = resolve_in_folder(self.folder, rel, index_path=self.meta_path)
+            found = resolve_in_folder(self.folder, rel, index_path=self.meta_path)
             try:
-                handle = open(path, "rb")
+                handle = open(found, "rb")
             except FileNotFoundError:
                 raise CheckpointError(
-                    str(path), f"is missing: .metadata stores {name!r} there", code="dcp-file-missing"
+                    str(found), f"is missing: .metadata stores {name!r} there", code="dcp-file-missing"
                 ) from None
             except OSError as exc:
-                raise CheckpointError(str(path), f"cannot be opened ({exc.strerror})", code="unreadable") from None
+                raise CheckpointError(str(found), f"cannot be opened ({exc.strerror})", code="unreadable") from None
             self._handles[rel] = handle
             self.sizes[rel] = os.fstat(handle.fileno()).st_size
         path = str(self.folder / rel)
@@ -504,7 +506,8 @@ class _ChunkReader:
         try:
             records = _fast_records(span)
             if records is None:  # anything unusual: the general zip reader, with its precise errors
-                records = zip_records(path, _Window(handle, info.offset, info.length), info.length)
+                window = cast(BinaryIO, _Window(handle, info.offset, info.length))  # a file object zipfile can seek
+                records = zip_records(path, window, info.length)
             prefix = _archive_prefix(path, records)
         except CheckpointError as exc:
             raise CheckpointError(path, f"{where}: {exc.problem}", code=exc.code) from None

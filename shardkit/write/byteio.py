@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import zlib
+from typing import overload
 
 from ..fileio import read_exact, read_into, short_read, write_all
 
@@ -71,6 +72,14 @@ _KERNEL_COPIES = {
     ),
     "sendfile": _sendfile,
 }
+
+
+@overload
+def copy_buffered(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str, crc: int) -> int: ...
+
+
+@overload
+def copy_buffered(src: int, src_offset: int, dst: int, dst_offset: int, count: int, src_path: str, crc: None = None) -> None: ...
 
 
 def copy_buffered(

@@ -42,7 +42,10 @@ class PiecedEntry(TensorEntry):
 class Recipe(Protocol):
     """How a :class:`ComputedEntry`'s bytes are made from source entries."""
 
-    inputs: tuple[TensorEntry, ...]
+    @property
+    def inputs(self) -> tuple[TensorEntry, ...]:
+        """The source entries it reads."""
+        ...
 
     def chunks(self, read: Reader, dtype: str) -> Iterator[memoryview]:
         """The output bytes in ``dtype``, in order, a bounded chunk at a time (imports torch)."""
@@ -53,7 +56,13 @@ class Recipe(Protocol):
 class ComputedEntry(TensorEntry):
     """A tensor computed by ``recipe``; its ``dtype`` is the recipe's natural output dtype."""
 
-    recipe: Recipe | None = None
+    recipe: Recipe | None = None  # never None in practice: a default only because the base class has defaults
+
+    def compute(self, read: Reader, dtype: str) -> Iterator[memoryview]:
+        """The recipe's output bytes in ``dtype`` (see :meth:`Recipe.chunks`)."""
+        if self.recipe is None:
+            raise ValueError(f"computed tensor {self.name!r} has no recipe")
+        return self.recipe.chunks(read, dtype)
 
 
 #: One contiguous run of source bytes: ``(file, absolute offset, nbytes)``.
@@ -105,7 +114,7 @@ class Reader:
 
         if isinstance(entry, ComputedEntry):  # a computed input of a layout change (dequantized experts, packed)
             data = bytearray()
-            for chunk in entry.recipe.chunks(self, entry.dtype):
+            for chunk in entry.compute(self, entry.dtype):
                 data += chunk
             if not data:
                 return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))

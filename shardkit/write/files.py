@@ -87,18 +87,19 @@ def write_plan(
         written.append(WrittenFile(planned.name, size, len(planned.tensors)))
         if after_file is not None:
             after_file(path)
-    if plan.index is not None:
+    index_name = plan.index_name
+    if plan.index is not None and index_name is not None:
         import json
 
         # huggingface_hub's exact bytes: json.dump(index, indent=2), no trailing newline.
         data = json.dumps(plan.index, indent=2).encode("utf-8")
-        path = os.path.join(folder, plan.index_name)
+        path = os.path.join(folder, index_name)
         fd = _create(path)
         try:
             write_all(fd, data, 0)
         finally:
             os.close(fd)
-        written.append(WrittenFile(plan.index_name, len(data), 0))
+        written.append(WrittenFile(index_name, len(data), 0))
     for item in written:
         fd = os.open(os.path.join(folder, item.name), os.O_RDONLY)
         try:
@@ -164,6 +165,7 @@ def write_bin(path: str, planned: PlannedFile, sources: Sources, progress: Progr
 
         def write_tensor(tensor: PlannedTensor, offset: int) -> int:
             ranges = tensor.ranges
+            crc: int
             if tensor.materialize:
                 crc = _write_materialized(fd, offset, tensor, sources)
             elif ranges is None:
@@ -226,7 +228,7 @@ def materialize(tensor: PlannedTensor, sources: Sources):
         import torch
 
         data = bytearray()
-        for chunk in source.recipe.chunks(Reader(sources.fd), tensor.dtype):
+        for chunk in source.compute(Reader(sources.fd), tensor.dtype):
             data += chunk
         return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype(tensor.dtype)).reshape(tensor.shape)
     value = Reader(sources.fd).tensor(source)
@@ -239,7 +241,7 @@ def materialized_chunks(tensor: PlannedTensor, sources: Sources):
     """The output bytes of ``tensor`` in bounded chunks: a computed tensor's recipe chunks, else the whole tensor."""
     if isinstance(tensor.source, ComputedEntry):
         _return_large_blocks()
-        yield from tensor.source.recipe.chunks(Reader(sources.fd), tensor.dtype)
+        yield from tensor.source.compute(Reader(sources.fd), tensor.dtype)
     else:
         value = materialize(tensor, sources)
         yield tensor_bytes(value)

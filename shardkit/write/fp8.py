@@ -67,12 +67,13 @@ class Dequantize:
         for matrix in range(matrices):
             for start in range(0, rows, step):
                 stop = min(rows, start + step)
-                if whole is None:
+                if whole is not None:
+                    quantized = whole[matrix, start:stop]
+                else:  # one byte range (see ``whole``): read just these rows
+                    assert ranges is not None
                     file, offset, _ = ranges[0]
                     raw = read.pread(file, offset + (matrix * rows + start) * row_bytes, (stop - start) * row_bytes)
                     quantized = torch.frombuffer(raw, dtype=torch.uint8).view(fp8).reshape(stop - start, cols)
-                else:
-                    quantized = whole[matrix, start:stop]
                 first = start // block_rows
                 tile = scales[matrix, first : -(-stop // block_rows)]
                 skip = start - first * block_rows  # rows of the first block before this chunk
@@ -127,7 +128,7 @@ def dequantize_entries(
             f"--dequantize: {checkpoint.source} holds no FP8 tensors (F8_E4M3/F8_E5M2); nothing to dequantize", code="no-fp8"
         )
     block = block_size(config)
-    replaced: dict[str, TensorEntry] = {}
+    replaced: dict[str, ComputedEntry] = {}
     removed: set[str] = set()
     for weight in weights:
         recipe = _recipe(weight, entries, block)
@@ -135,7 +136,7 @@ def dequantize_entries(
             name=weight.name,
             dtype=target,
             shape=weight.shape,
-            nbytes=nbytes_of(target, weight.shape),
+            nbytes=nbytes_of(target, weight.shape) or 0,
             file=weight.file,
             offset=None,
             recipe=recipe,
@@ -145,7 +146,7 @@ def dequantize_entries(
         module = weight.name.rsplit(".", 1)[0] if weight.name.endswith(".weight") else None
         if module is not None and f"{module}.input_scale" in entries:
             removed.add(f"{module}.input_scale")
-    out = {}
+    out: dict[str, TensorEntry] = {}
     for name, entry in entries.items():
         if name in removed or (entry.alias_of is not None and entry.alias_of in removed):
             continue

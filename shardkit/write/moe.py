@@ -122,7 +122,7 @@ def _pack(entries, origin, family: Family, model_type: str):
         return entries, origin
 
     positions = {name: i for i, name in enumerate(entries)}
-    packed: dict[str, list[TensorEntry]] = {}  # first per-expert name -> packed entries replacing the layer
+    packed: dict[str, list[PiecedEntry]] = {}  # first per-expert name -> packed entries replacing the layer
     for prefix, experts in layers.items():
         module = f"{prefix}{family.moe_module}.experts"
         count = max(experts) + 1
@@ -184,7 +184,7 @@ def _unpack(entries, origin, family: Family, model_type: str):
         _nothing_to_do(entries, "packed", model_type)
         return entries, origin
     positions = {name: i for i, name in enumerate(entries)}
-    made: dict[str, list[TensorEntry]] = {}
+    made: dict[str, list[PiecedEntry]] = {}
     for prefix, pair in layers.items():
         if set(pair) != {"gate_up_proj", "down_proj"}:
             missing = ({"gate_up_proj", "down_proj"} - set(pair)).pop()
