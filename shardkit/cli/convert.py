@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .push import split_push_options
-from .split import _quiet_library_warnings, finish, source_checkpoint, write_options
+from .split import run_write, write_options
 
 
 @click.command("convert")
@@ -13,25 +12,7 @@ from .split import _quiet_library_warnings, finish, source_checkpoint, write_opt
 @click.argument("dst")
 @click.option("--max-shard-size", default=None, help="Repack into shards of this size instead of keeping the layout.")
 @write_options
-def convert_command(
-    src,
-    dst,
-    max_shard_size,
-    fmt,
-    dtype,
-    variant,
-    revision,
-    subfolder,
-    repo_type,
-    token,
-    overwrite,
-    verify,
-    dry_run,
-    as_json,
-    weights_only,
-    quiet,
-    **transforms,
-) -> None:
+def convert_command(src, dst, **options) -> None:
     """Convert the checkpoint at SRC (.bin, single or sharded) to safetensors in the folder DST.
 
     Each source file becomes one output file (pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors)
@@ -40,30 +21,4 @@ def convert_command(
     """
     from ..write import convert
 
-    _quiet_library_warnings()
-    push = split_push_options(transforms)
-    checkpoint = source_checkpoint(
-        src,
-        revision=revision,
-        subfolder=subfolder,
-        variant=variant,
-        repo_type=repo_type,
-        token=token,
-        quiet=quiet,
-        dry_run=dry_run,
-        other_files=not weights_only,
-    )
-    summary = convert(
-        checkpoint,
-        dst,
-        max_shard_size=max_shard_size,
-        format=fmt,
-        dtype=dtype,
-        overwrite=overwrite,
-        verify=verify,
-        dry_run=dry_run,
-        progress=not quiet and not as_json,
-        weights_only=weights_only,
-        **transforms,
-    )
-    finish(summary, as_json, token=token, quiet=quiet, **push)
+    run_write(convert, src, dst, **options)

@@ -104,9 +104,23 @@ def write_options(command):
     help="Largest shard: 5GB, 5GiB, 500MB or a number of bytes. A larger tensor gets a shard of its own.",
 )
 @write_options
-def split_command(
+def split_command(src, dst, **options) -> None:
+    """Reshard the checkpoint at SRC into the folder DST, packed like huggingface_hub in key order.
+
+    SRC is a .safetensors/.bin file, an *.index.json, a folder, or a Hub repo id (org/name: only its checkpoint
+    files are downloaded, into the Hugging Face cache). Contiguous tensors are copied as byte ranges (torch is
+    never imported unless --dtype or a non-contiguous/legacy source needs it). DST appears atomically.
+    """
+    from ..write import split
+
+    run_write(split, src, dst, **options)
+
+
+def run_write(
+    write,
     src,
     dst,
+    *,
     max_shard_size,
     fmt,
     dtype,
@@ -123,14 +137,8 @@ def split_command(
     quiet,
     **transforms,
 ) -> None:
-    """Reshard the checkpoint at SRC into the folder DST, packed like huggingface_hub in key order.
-
-    SRC is a .safetensors/.bin file, an *.index.json, a folder, or a Hub repo id (org/name: only its checkpoint
-    files are downloaded, into the Hugging Face cache). Contiguous tensors are copied as byte ranges (torch is
-    never imported unless --dtype or a non-contiguous/legacy source needs it). DST appears atomically.
-    """
-    from ..write import split
-
+    """The body ``split`` and ``convert`` share: open SRC (with the Hub options), run ``write``
+    (:func:`shardkit.write.split` or :func:`~shardkit.write.convert`), print the summary, push if asked."""
     _quiet_library_warnings()
     push = split_push_options(transforms)
     checkpoint = source_checkpoint(
@@ -144,7 +152,7 @@ def split_command(
         dry_run=dry_run,
         other_files=not weights_only,
     )
-    summary = split(
+    summary = write(
         checkpoint,
         dst,
         max_shard_size=max_shard_size,
