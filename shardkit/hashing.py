@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from .fileio import read_exact, read_into
+
 #: Bytes per read: large enough that per-call overhead vanishes, small enough to keep two per file in cache.
 PIECE = 8 * 1024 * 1024
 #: Files hashed at once by default (more threads than cores only adds contention).
@@ -44,19 +46,18 @@ def sha256_file(
 ) -> str:
     """Hex SHA-256 of the bytes ``[start, start + length)`` of ``path`` (the whole file from ``start`` by default).
 
-    Reads ``piece`` bytes at a time, the next piece on a helper thread while this one is hashed. Raises
-    ``OSError`` from the file system as is, and ``EOFError`` when the file ends before ``start + length``
-    (a file that shrank while being hashed).
+    Reads ``piece`` bytes at a time (positional reads), the next piece on a helper thread while this one is hashed.
+    Raises ``OSError`` from the file system as is, and :class:`~shardkit.errors.CheckpointError` ``short-read`` when
+    the file ends before ``start + length`` (a file that shrank while being hashed).
     """
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
+    name = os.fspath(path)
+    fd = os.open(name, os.O_RDONLY)
+    try:
         if length is None:
-            length = max(0, os.fstat(handle.fileno()).st_size - start)
-        handle.seek(start)
+            length = max(0, os.fstat(fd).st_size - start)
         if length <= piece:  # small files: no thread, no second buffer
-            data = handle.read(length) if length else b""
-            if len(data) != length:
-                raise EOFError(f"{os.fspath(path)}: ended {length - len(data)} bytes early while hashing")
+            data = read_exact(fd, length, start, name)
             digest.update(data)
             if progress is not None and length:
                 progress(length)
@@ -64,32 +65,27 @@ def sha256_file(
 
         buffers = [bytearray(piece), bytearray(piece)]
 
-        def fill(buffer: bytearray, want: int) -> memoryview:
+        def fill(buffer: bytearray, at: int, want: int) -> memoryview:
             view = memoryview(buffer)[:want]
-            got = 0
-            while got < want:
-                n = handle.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            return view[:got]
+            read_into(fd, view, at, name)
+            return view
 
-        remaining = length
+        position, remaining = start, length
         with ThreadPoolExecutor(1, thread_name_prefix="sha256-read") as reader:
-            pending = reader.submit(fill, buffers[0], min(piece, remaining))
+            pending = reader.submit(fill, buffers[0], position, min(piece, remaining))
             turn = 0
             while remaining:
                 view = pending.result()
-                want = min(piece, remaining)
-                if len(view) != want:
-                    raise EOFError(f"{os.fspath(path)}: ended {remaining - len(view)} bytes early while hashing")
-                remaining -= want
+                remaining -= len(view)
+                position += len(view)
                 turn ^= 1
                 if remaining:
-                    pending = reader.submit(fill, buffers[turn], min(piece, remaining))
+                    pending = reader.submit(fill, buffers[turn], position, min(piece, remaining))
                 digest.update(view)
                 if progress is not None:
-                    progress(want)
+                    progress(len(view))
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from shardkit.hashing import sha256_file, sha256_files, sha256_ranges
+from shardkit.errors import CheckpointError
+from shardkit.hashing import PIECE, sha256_file, sha256_files, sha256_ranges
 
 
 @pytest.fixture
@@ -56,10 +57,10 @@ def test_byte_ranges(files):
 
 def test_file_shorter_than_the_range_is_an_error_not_a_digest(files):
     path = files[-1]
-    with pytest.raises(EOFError, match="early"):
-        sha256_file(path, start=10, length=path.stat().st_size, piece=64)
-    with pytest.raises(EOFError):
-        sha256_file(path, start=10, length=path.stat().st_size)
+    for piece in (64, PIECE):  # the threaded path and the one-read path
+        with pytest.raises(CheckpointError, match="bytes short of the data it declares") as raised:
+            sha256_file(path, start=10, length=path.stat().st_size, piece=piece)
+        assert raised.value.code == "short-read" and str(path) in str(raised.value)
 
 
 def test_missing_file_raises_oserror(tmp_path, files):

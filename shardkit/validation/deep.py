@@ -86,14 +86,14 @@ def _hash_all(entries: list[TensorEntry], report: Report, digests: dict, relativ
     def digest(entry: TensorEntry) -> str | Exception:
         try:
             return sha256_file(entry.file, start=entry.offset, length=entry.nbytes, progress=progress)
-        except (OSError, EOFError) as exc:
+        except (OSError, CheckpointError) as exc:
             return exc
 
     # largest first, so that one big tensor does not finish alone at the end
     order = sorted(direct, key=lambda e: -e.nbytes)
     for entry, result in zip(order, map_threads(digest, order)):
         shown = _shown(entry.file, relative_to)
-        if isinstance(result, EOFError):
+        if isinstance(result, CheckpointError) and result.code == "short-read":
             report.add(
                 "short-read", f"file ends before the end of tensor {entry.name!r} (truncated?).", file=shown, tensor=entry.name
             )
