@@ -6,15 +6,18 @@ storage's bytes with ``as_strided``; legacy torch files come from :func:`shardki
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .dtypes import torch_dtype
 from .fileio import read_exact
 from .formats.legacy import load_legacy
 from .table import TensorEntry
 
+if TYPE_CHECKING:  # annotations only: importing this module must not import torch
+    import torch
 
-def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None):
+
+def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None) -> torch.Tensor:
     """The tensor ``entry`` describes, on the CPU, in its stored dtype, owning its memory.
 
     ``handle`` may be an open binary handle of ``entry.file`` to avoid reopening it per tensor.
@@ -45,7 +48,7 @@ def load_tensor(entry: TensorEntry, handle: BinaryIO | None = None):
             handle.close()
 
 
-def _load_chunked(entry: TensorEntry):
+def _load_chunked(entry: TensorEntry) -> torch.Tensor:
     """A tensor saved in chunks (DCP): assembled by rows without torch when every chunk is one byte run, else
     chunk by chunk into its block of the result."""
     import os

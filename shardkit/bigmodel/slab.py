@@ -11,6 +11,10 @@ import ctypes
 import functools
 import mmap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the planner imports this module without torch
+    import torch
 
 #: Byte alignment of every tensor inside a slab (what GPU kernels like best for vectorized loads).
 ALIGN = 256
@@ -23,11 +27,11 @@ class Slot:
     name: str
     offset: int
     nbytes: int
-    dtype: object  # torch.dtype
+    dtype: torch.dtype
     shape: tuple[int, ...]
 
 
-def layout(specs: list[tuple[str, object, tuple[int, ...]]]) -> tuple[dict[str, Slot], int]:
+def layout(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[dict[str, Slot], int]:
     """Lay ``(name, torch dtype, shape)`` out back to back at :data:`ALIGN`-byte offsets; returns slots and total bytes."""
     slots, position = {}, 0
     for name, dtype, shape in specs:
@@ -40,12 +44,12 @@ def layout(specs: list[tuple[str, object, tuple[int, ...]]]) -> tuple[dict[str, 
     return slots, position
 
 
-def view(buffer, slot: Slot):
+def view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
     """The tensor ``slot`` describes inside the uint8 tensor ``buffer``."""
     return buffer[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
 
 
-def allocate(nbytes: int, device="cpu", pin: bool = False):
+def allocate(nbytes: int, device: str | torch.device = "cpu", pin: bool = False) -> torch.Tensor:
     """An uninitialized uint8 buffer of ``nbytes`` (at least one byte), page-locked when ``pin`` and on the CPU."""
     import torch
 
@@ -54,7 +58,7 @@ def allocate(nbytes: int, device="cpu", pin: bool = False):
     return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
 
 
-def _pinned(nbytes: int):
+def _pinned(nbytes: int) -> torch.Tensor:
     """Page-locked host memory of exactly ``nbytes`` (whole pages).
 
     torch's pinned allocator rounds every request up to a power of two (a 404 MB decoder layer takes 512 MiB, a
@@ -134,7 +138,7 @@ class _PinnedRegion(mmap.mmap):
             self.unregister(self.registered)
 
 
-def as_bytes(tensor):
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's memory as a flat uint8 tensor (a view, no copy)."""
     import torch
 
