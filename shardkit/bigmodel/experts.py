@@ -294,12 +294,12 @@ def _disk_read(streamer, block, runs, places, target):
             for file, at_file, nbytes, within in store.tensors[name].locate(e * per, count * per):
                 pieces.append((file, at_file, offset + i * per + within, nbytes))
     if not streamer.cuda:
-        return lambda: _read_pieces(streamer, store, target, pieces)
+        return lambda: streamer.read_runs(pieces, target, store)
     index = streamer.host_next
     streamer.host_next = (index + 1) % streamer.RING
     streamer.host_free[index].synchronize()  # the previous copy out of this host buffer has finished
     buffer = streamer.host[index]
-    _read_pieces(streamer, store, buffer, pieces)
+    streamer.read_runs(pieces, buffer, store)
 
     def copy() -> None:
         for _file, _offset, at, nbytes in pieces:
@@ -307,20 +307,3 @@ def _disk_read(streamer, block, runs, places, target):
         streamer.host_free[index].record(streamer.copy_stream)
 
     return copy
-
-
-def _read_pieces(streamer, store, buffer, pieces) -> None:
-    """Fill ``buffer`` (a CPU uint8 tensor) from ``pieces``: large reads, on the streamer's reader threads."""
-    from .readahead import PARALLEL_PIECE
-
-    view = memoryview(buffer.numpy())
-    work = []
-    for path, offset, at, nbytes in pieces:
-        for start in range(0, nbytes, PARALLEL_PIECE):
-            size = min(PARALLEL_PIECE, nbytes - start)
-            work.append((path, offset + start, view[at + start : at + start + size]))
-    if streamer.readers is None or len(work) < 2:
-        for piece in work:
-            store.read_into(*piece)
-    else:
-        list(streamer.readers.map(lambda p: store.read_into(*p), work))

@@ -205,14 +205,23 @@ class Streamer:
             self.store.read_into(path, offset, view[at : at + nbytes])
 
     def _read(self, block: Block, buffer) -> None:
-        """Fill ``buffer`` with ``block``'s bytes from the offload store: large reads, several threads."""
+        """Fill ``buffer`` with ``block``'s bytes from the offload store."""
+        self.read_runs(block.runs, buffer, self.store)
+
+    def read_runs(self, runs, buffer, store) -> None:
+        """Fill ``buffer`` (a CPU uint8 tensor) with ``(file, file offset, buffer offset, nbytes)`` runs read from
+        ``store``: pieces of :data:`PARALLEL_PIECE` bytes, on the reader threads when there are several."""
         view = memoryview(buffer.numpy())
         pieces = []
-        for path, offset, at, nbytes in block.runs:
+        for path, offset, at, nbytes in runs:
             for start in range(0, nbytes, PARALLEL_PIECE):
                 size = min(PARALLEL_PIECE, nbytes - start)
                 pieces.append((path, offset + start, view[at + start : at + start + size]))
-        list(self.readers.map(lambda p: self.store.read_into(*p), pieces))
+        if self.readers is None or len(pieces) < 2:
+            for piece in pieces:
+                store.read_into(*piece)
+        else:
+            list(self.readers.map(lambda p: store.read_into(*p), pieces))
 
     def _wait_pending(self, slot: int) -> None:
         future, self.pending[slot] = self.pending[slot], None
