@@ -43,6 +43,8 @@ class DispatchOptions:
     skip_keys: tuple[str, ...] = ()  # input keys a hook leaves where they are (a cache object, say)
     preload_module_classes: tuple[str, ...] = ()
     force_hooks: bool = False  # hooks even when the whole model sits on one device
+    routed_experts: bool = True  # an offloaded experts module stages only the experts its router chose
+    expert_cache: int = 0  # bytes of recently used experts kept on main_device
 
     @classmethod
     def resolve(
@@ -55,6 +57,8 @@ class DispatchOptions:
         skip_keys=None,
         preload_module_classes=None,
         force_hooks: bool = False,
+        routed_experts: bool = True,
+        expert_cache: int | str | None = None,
     ) -> DispatchOptions:
         """Defaults as accelerate's: the map's first GPU, else the CPU; the model's ``_skip_keys_device_placement``."""
         if main_device is None:
@@ -66,7 +70,8 @@ class DispatchOptions:
         skip = (skip_keys,) if isinstance(skip_keys, str) else tuple(skip_keys)
         preload = (preload_module_classes,) if isinstance(preload_module_classes, str) else tuple(preload_module_classes or ())
         folder = os.fspath(offload_dir) if offload_dir is not None else None
-        return cls(main, folder, offload_buffers, skip, preload, force_hooks)
+        cache = parse_size(expert_cache) if isinstance(expert_cache, str) else int(expert_cache or 0)
+        return cls(main, folder, offload_buffers, skip, preload, force_hooks, routed_experts, cache)
 
 
 def dispatch_model(
@@ -106,7 +111,16 @@ def dispatch_model(
     _detach_all(model)  # weights stay at rest: a disk-tier tensor keeps its place in the store for this dispatch
     model.hf_device_map = dict(device_map)
     options = DispatchOptions.resolve(
-        model, device_map, main_device, offload_dir, offload_buffers, skip_keys, preload_module_classes, force_hooks
+        model,
+        device_map,
+        main_device,
+        offload_dir,
+        offload_buffers,
+        skip_keys,
+        preload_module_classes,
+        force_hooks,
+        routed_experts,
+        expert_cache,
     )
     if options.main_device.type == "cuda":
         require_gpu(options.main_device.index or 0, "main_device runs the offloaded blocks")
@@ -122,10 +136,10 @@ def dispatch_model(
     groups = _group_by_block(model, blocks_map, modules, options.preload_module_classes)
     blocks, store = _build_blocks(groups, modules, options, store, state_dict, getattr(model, "_shardkit_host", None) or {})
     offloaded = [b for b in blocks if b.tier != "resident"]
-    if routed_experts:
+    if options.routed_experts:
         for block in offloaded:
             block.experts = layout_for(block)
-    streamer = _streamer(options.main_device, offloaded, store, expert_cache) if offloaded else None
+    streamer = _streamer(options.main_device, offloaded, store, options.expert_cache) if offloaded else None
     for block in blocks:
         hook = Hook(block.module, block.device, block, streamer, block.name == "", options.skip_keys, options.offload_buffers)
         hook.attach()
@@ -164,7 +178,7 @@ def _unguard_moves(model) -> None:
         model.__dict__.pop(attr, None)
 
 
-def _streamer(main: torch.device, offloaded: list[Block], store, expert_cache) -> Streamer:
+def _streamer(main: torch.device, offloaded: list[Block], store, expert_cache: int) -> Streamer:
     """The streamer for ``offloaded`` blocks, with an expert cache when asked and some block is routed.
 
     Its staging slabs (and the cache) are allocated here, once: a GPU without room for them is a clear error
@@ -180,13 +194,12 @@ def _streamer(main: torch.device, offloaded: list[Block], store, expert_cache) -
         ) from exc
     routed = [b for b in offloaded if b.experts is not None]
     if routed and expert_cache:
-        budget = parse_size(expert_cache) if isinstance(expert_cache, str) else int(expert_cache)
         try:
-            streamer.expert_cache = ExpertCache(main, budget, max(b.experts.expert_bytes for b in routed))
+            streamer.expert_cache = ExpertCache(main, expert_cache, max(b.experts.expert_bytes for b in routed))
         except torch.OutOfMemoryError as exc:
             streamer.close()
             raise OutOfMemoryError(
-                f"out of memory on {main} allocating a {budget:,}-byte expert cache beside the staging slabs of "
+                f"out of memory on {main} allocating a {expert_cache:,}-byte expert cache beside the staging slabs of "
                 f"{largest.name or '(root)'!r}: pass a smaller expert_cache"
             ) from exc
     return streamer
