@@ -26,7 +26,8 @@ class DevicePlan:
     per_device: dict[str, int]
     memory: dict
     experts: dict = field(default_factory=dict)
-    config_path: str | None = None  # where config.json is (or the checkpoint folder holding it)
+    #: mixture of experts: ``top_k`` and the bytes a decode step copies per token, blocks whole and routed
+    moe: dict | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -83,7 +84,36 @@ def plan_device_map(
         per_device[str(device)] = per_device.get(str(device), 0) + sizes.get(key, 0)
     rewrite = dtype is not None or any(f.format != "safetensors" for f in table.files)
     memory = memory_needs(root, sizes, device_map, classes, rewrite=rewrite)
-    return DevicePlan(source, dict(device_map), sizes, per_device, memory, experts or {}, config_path)
+    moe = _moe_traffic(device_map, sizes, experts, budget, config_path) if experts else None
+    return DevicePlan(source, dict(device_map), sizes, per_device, memory, experts or {}, moe)
+
+
+def _moe_traffic(device_map: dict, sizes: dict, experts: dict, budget: dict, config_path: str | None) -> dict:
+    """What a decode step copies with and without routed fetch; top-k from the model's config.json (a file, or
+    the folder holding it)."""
+    import orjson
+
+    from .placement import decode_traffic
+
+    top_k = None
+    if config_path:
+        path = os.path.join(config_path, "config.json") if os.path.isdir(config_path) else config_path
+        try:
+            with open(path, "rb") as handle:
+                config = orjson.loads(handle.read())
+            top_k = next(
+                (config[k] for k in ("num_experts_per_tok", "moe_topk", "top_k") if isinstance(config.get(k), int)), None
+            )
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            top_k = None
+    main = next((d for d in budget if d not in ("cpu", "disk")), "cpu")
+    traffic = decode_traffic(device_map, sizes, experts, top_k, main)
+    return {
+        "experts_modules": len(experts),
+        "top_k": top_k,
+        "dense_bytes_per_token": traffic["dense"],
+        "routed_bytes_per_token": traffic["routed"],
+    }
 
 
 def _plan_from_config(path: str, budget: dict, dtype: str | None, no_split: list[str], experts_offload: bool = False):

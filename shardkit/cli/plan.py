@@ -59,7 +59,7 @@ def plan_command(
         checkpoint, budget, dtype=dtype, model_config=model_config, no_split=no_split, experts_offload=experts_offload
     )
     device_map, sizes, experts, memory = planned.device_map, planned.sizes, planned.experts, planned.memory
-    per_device, source, config_path = planned.per_device, planned.source, planned.config_path
+    per_device, source = planned.per_device, planned.source
     notes = _absent_gpu_notes(budget) + _over_budget_notes(memory, budget)
     result = {
         "source": source,
@@ -69,8 +69,8 @@ def plan_command(
         "memory": memory,
         "notes": notes,
     }
-    if experts:
-        result["moe"] = _moe_traffic(device_map, sizes, experts, budget, config_path)
+    if planned.moe is not None:
+        result["moe"] = planned.moe
     if as_json:
         emit_json(result)
         return
@@ -94,35 +94,6 @@ def plan_command(
         click.echo(line)
     for note in notes:
         click.echo(f"note: {note}", err=True)
-
-
-def _moe_traffic(device_map: dict, sizes: dict, experts: dict, budget: dict, config_path) -> dict:
-    """What a decode step moves with and without routed fetch; top-k from the model's config.json."""
-    import os
-
-    import orjson
-
-    from ..bigmodel.placement import decode_traffic
-
-    top_k = None
-    if config_path:
-        path = os.path.join(config_path, "config.json") if os.path.isdir(config_path) else config_path
-        try:
-            with open(path, "rb") as handle:
-                config = orjson.loads(handle.read())
-            top_k = next(
-                (config[k] for k in ("num_experts_per_tok", "moe_topk", "top_k") if isinstance(config.get(k), int)), None
-            )
-        except (OSError, orjson.JSONDecodeError, AttributeError):
-            top_k = None
-    main = next((d for d in budget if d not in ("cpu", "disk")), "cpu")
-    traffic = decode_traffic(device_map, sizes, experts, top_k, main)
-    return {
-        "experts_modules": len(experts),
-        "top_k": top_k,
-        "dense_bytes_per_token": traffic["dense"],
-        "routed_bytes_per_token": traffic["routed"],
-    }
 
 
 def visible_gpus() -> int:
