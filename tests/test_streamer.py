@@ -129,7 +129,7 @@ def test_disk_pieces_cover_the_slab_exactly():
     """A GPU-run disk block is cut into ring pieces: every byte of every run lands at its slab offset."""
     import random
 
-    from shardkit.bigmodel.hooks import split_pieces
+    from shardkit.bigmodel.readahead import split_pieces
 
     rng = random.Random(0)
     source = bytes(rng.randrange(256) for _ in range(5000))

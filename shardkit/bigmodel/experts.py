@@ -30,6 +30,7 @@ import torch
 
 from . import slab
 from .measure import is_experts_module
+from .readahead import split_pieces
 from .transfer import move
 
 logger = logging.getLogger(__name__)
@@ -238,10 +239,10 @@ def stage_experts(streamer, block, chosen: list[int]):
         raise KeyError(name)
 
     def enqueue(host_copy) -> None:
+        host_copy()  # first: a disk read through the ring may overwrite the slab between the misses
         for i, _e, found in hits:
             for name, (offset, per) in places.items():
                 target[offset + i * per : offset + (i + 1) * per].copy_(cache_part(found, name), non_blocking=True)
-        host_copy()
         for i, _e, index in misses:
             if cache is not None and index is not None:
                 for name, (offset, per) in places.items():
@@ -281,10 +282,11 @@ def stage_experts(streamer, block, chosen: list[int]):
 
 
 def _disk_read(streamer, block, runs, places, target):
-    """Read the missed experts' byte ranges from the offload store; returns the callable that puts them in ``target``.
+    """The callable that reads the missed experts' byte ranges from the offload store into ``target``.
 
-    On a CPU execution device the reads land in ``target`` directly (when the callable runs); with a GPU they are
-    read now into one of the streamer's pinned disk buffers, and the callable copies them on the copy stream.
+    On a CPU execution device the reads land in ``target`` directly; with a GPU they pass through the streamer's
+    fixed pinned disk ring (:meth:`~shardkit.bigmodel.hooks.Streamer.through_ring`), each piece copied on the copy
+    stream once read, so host memory stays the ring's whatever the block's size.
     """
     store = block.store
     pieces = []  # (file, file offset, offset in the compact slab, nbytes)
@@ -295,15 +297,6 @@ def _disk_read(streamer, block, runs, places, target):
                 pieces.append((file, at_file, offset + i * per + within, nbytes))
     if not streamer.cuda:
         return lambda: streamer.read_runs(pieces, target, store)
-    index = streamer.host_next
-    streamer.host_next = (index + 1) % streamer.RING
-    streamer.host_free[index].synchronize()  # the previous copy out of this host buffer has finished
-    buffer = streamer.host[index]
-    streamer.read_runs(pieces, buffer, store)
-
-    def copy() -> None:
-        for _file, _offset, at, nbytes in pieces:
-            target[at : at + nbytes].copy_(buffer[at : at + nbytes], non_blocking=True)
-        streamer.host_free[index].record(streamer.copy_stream)
-
-    return copy
+    end = max((at + nbytes for _, _, at, nbytes in pieces), default=0)
+    spans = split_pieces(pieces, end, streamer.pieces[0].numel())
+    return lambda: streamer.through_ring(spans, target)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +26,7 @@ import torch
 from ..errors import ShardkitError
 from . import slab
 from .experts import routed_forward
-from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, disk_ring
+from .readahead import PARALLEL_PIECE, PARALLEL_THREADS, disk_ring, split_pieces
 from .targets import Place
 from .transfer import move
 
@@ -107,12 +108,9 @@ class Streamer:
                 self.piece_next = 0
                 for block in disk:
                     block.pieces = split_pieces(block.runs, block.nbytes, piece)
-                routed = [b for b in disk if b.experts is not None]
-                if routed:  # routed experts are read whole into a host buffer, then copied (experts._disk_read)
-                    largest = max(b.nbytes for b in routed)
-                    self.host = [slab.allocate(largest, pin=True) for _ in range(self.RING)]
-                    self.host_free = [torch.cuda.Event() for _ in range(self.RING)]
-                    self.host_next = 0
+                # the stage worker (prefetching whole blocks) and routed expert reads (the forward's thread) share
+                # the ring; one at a time
+                self.ring_lock = threading.Lock()
                 self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardkit-stage")
 
     def acquire(self, block: Block) -> int:
@@ -176,8 +174,15 @@ class Streamer:
             self.ready[slot].record(self.copy_stream)
 
     def _disk_to_device(self, block: Block, slot: int) -> None:
-        """Worker thread: read a disk block piece by piece into the pinned ring, enqueueing each piece's copy into
-        ``slot`` as soon as it is read; a ring piece is refilled only once its last copy has run."""
+        """Worker thread: stream a disk block into ``slot`` through the pinned ring (see :meth:`through_ring`)."""
+        self.copy_stream.wait_event(self.free[slot])  # the compute that last read this slab has run
+        self.through_ring(block.pieces, self.slabs[slot])
+        self.ready[slot].record(self.copy_stream)
+
+    def through_ring(self, spans: list, target) -> None:
+        """Read ``spans`` (from :func:`split_pieces`) into the pinned ring and copy each span into ``target`` on the
+        copy stream as soon as it is read; a ring piece is refilled only once its last copy has run. A span is
+        copied whole, so bytes of ``target`` between its reads are overwritten."""
         count = len(self.pieces)
         inflight: collections.deque = collections.deque()
 
@@ -185,20 +190,19 @@ class Streamer:
             future, index, start, nbytes = item
             future.result()
             with torch.cuda.stream(self.copy_stream):
-                self.slabs[slot][start : start + nbytes].copy_(self.pieces[index][:nbytes], non_blocking=True)
+                target[start : start + nbytes].copy_(self.pieces[index][:nbytes], non_blocking=True)
                 self.piece_free[index].record(self.copy_stream)
 
-        self.copy_stream.wait_event(self.free[slot])  # the compute that last read this slab has run
-        for start, nbytes, reads in block.pieces:
-            if len(inflight) == count:
+        with self.ring_lock:
+            for start, nbytes, reads in spans:
+                if len(inflight) == count:
+                    copy_out(inflight.popleft())
+                index, self.piece_next = self.piece_next, (self.piece_next + 1) % count
+                self.piece_free[index].synchronize()  # the copy out of this piece has finished
+                view = memoryview(self.pieces[index].numpy())
+                inflight.append((self.readers.submit(self._read_piece, reads, view), index, start, nbytes))
+            while inflight:
                 copy_out(inflight.popleft())
-            index, self.piece_next = self.piece_next, (self.piece_next + 1) % count
-            self.piece_free[index].synchronize()  # the copy out of this piece has finished
-            view = memoryview(self.pieces[index].numpy())
-            inflight.append((self.readers.submit(self._read_piece, reads, view), index, start, nbytes))
-        while inflight:
-            copy_out(inflight.popleft())
-        self.ready[slot].record(self.copy_stream)
 
     def _read_piece(self, reads: list, view: memoryview) -> None:
         for path, offset, at, nbytes in reads:
@@ -261,24 +265,6 @@ class Streamer:
         for pool in (self.readers, getattr(self, "worker", None)):
             if pool is not None:
                 pool.shutdown(wait=True)
-
-
-def split_pieces(runs: list, nbytes: int, piece: int) -> list[tuple[int, int, list]]:
-    """Cut a slab of ``nbytes`` filled by ``runs`` (``(file, file offset, slab offset, nbytes)``) into spans of at
-    most ``piece`` bytes: ``(slab offset, span bytes, [(file, file offset, offset in the span, nbytes)])``. A span
-    is copied whole (alignment padding included), so many small tensors travel as one copy."""
-    spans = []
-    for start in range(0, nbytes, piece):
-        end = min(start + piece, nbytes)
-        reads = []
-        for path, offset, at, size in runs:
-            low, high = max(at, start), min(at + size, end)
-            if low < high:
-                reads.append((path, offset + low - at, low - start, high - low))
-        if reads:
-            last = max(at + size for _, _, at, size in reads)
-            spans.append((start, last, reads))
-    return spans
 
 
 def _wrap(tensor, is_param: bool):

@@ -38,6 +38,24 @@ def disk_ring(largest: int) -> tuple[int, int]:
     return piece, max(2, min(PARALLEL_DEPTH, -(-2 * largest // piece)))
 
 
+def split_pieces(runs: list, nbytes: int, piece: int) -> list[tuple[int, int, list]]:
+    """Cut a slab of ``nbytes`` filled by ``runs`` (``(file, file offset, slab offset, nbytes)``) into spans of at
+    most ``piece`` bytes: ``(slab offset, span bytes, [(file, file offset, offset in the span, nbytes)])``. A span
+    is copied whole (alignment padding included), so many small tensors travel as one copy."""
+    spans = []
+    for start in range(0, nbytes, piece):
+        end = min(start + piece, nbytes)
+        reads = []
+        for path, offset, at, size in runs:
+            low, high = max(at, start), min(at + size, end)
+            if low < high:
+                reads.append((path, offset + low - at, low - start, high - low))
+        if reads:
+            last = max(at + size for _, _, at, size in reads)
+            spans.append((start, last, reads))
+    return spans
+
+
 @dataclass(slots=True)
 class Chunk:
     job: int  # index into the jobs list
