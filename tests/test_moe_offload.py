@@ -386,3 +386,50 @@ def test_no_room_for_staging_or_cache_is_a_clear_error_naming_the_block(moe, mon
     monkeypatch.setattr(slab, "allocate", none)
     with pytest.raises(OutOfMemoryError, match=rf"staging slabs .* 'model\.layers\.\d\.{mlp}\.experts'"):
         dispatched(moe)
+
+
+def test_routed_selection_does_not_overwrite_the_prefetched_next_block():
+    """Two slabs (the GPU's ring, run on CPU), each layer's attention streamed and its experts routed: the next
+    attention is staged while this one runs (before the router's choice is known) and stays staged, so every
+    attention is copied once per forward, and every compact selection is the chosen slices."""
+    config, cls, mlp = qwen3_moe()
+    torch.manual_seed(0)
+    model = cls(config)
+    blocks, originals = [], {}
+    for i, layer in enumerate(model.model.layers):
+        attention = Block(f"attn{i}", None, torch.device("cpu"), "cpu", nbytes=4096)
+        attention.host = torch.full((4096,), i + 1, dtype=torch.uint8)
+        module = getattr(layer, mlp).experts
+        specs = [(n, p.dtype, tuple(p.shape)) for n, p in module.named_parameters()]
+        slots, nbytes = experts_mod.slab.layout(specs)
+        block = Block(f"experts{i}", module, torch.device("cpu"), "cpu", slots=slots, nbytes=nbytes)
+        block.places = [(module, n, True, n) for n, _ in module.named_parameters()]
+        block.host = torch.empty(nbytes, dtype=torch.uint8)
+        for n, p in module.named_parameters():
+            originals[block.name, n] = p.detach().clone()
+            experts_mod.slab.view(block.host, slots[n]).copy_(p)
+        block.experts = layout_for(block)
+        blocks += [attention, block]
+
+    staged = []
+
+    class Counting(Streamer):
+        def _stage(self, block, slot):
+            staged.append(block.name)
+            super()._stage(block, slot)
+
+    streamer = Counting(torch.device("cpu"), blocks, ring=2)
+    for forward in range(3):
+        staged.clear()
+        for i in range(0, len(blocks), 2):
+            attention, experts = blocks[i : i + 2]
+            slot = streamer.acquire(attention)
+            assert torch.equal(streamer.slabs[slot][:4096], attention.host)
+            streamer.release(attention, slot)
+            chosen = [forward, 3 + i // 2, 7]
+            slot, tensors = stage_experts(streamer, experts, chosen)
+            for (_, name, _, _), tensor in zip(experts.places, tensors):
+                assert torch.equal(tensor, originals[experts.name, name][chosen]), (experts.name, name)
+            streamer.release(experts, slot)
+        if forward:  # once the order is learned: each attention once, the first one for the next forward
+            assert sorted(staged) == [f"attn{i}" for i in range(LAYERS)], staged

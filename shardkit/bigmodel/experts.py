@@ -202,7 +202,7 @@ def stage_experts(streamer, block, chosen: list[int]):
     if streamer.last is not None and streamer.last is not block:
         streamer.next[streamer.last] = block
     streamer.last = block
-    slot = (streamer.current + 1) % streamer.ring
+    slot = streamer.routed_slot()
     streamer._wait_pending(slot)
     streamer.owner[slot] = None  # a selection of experts, not the block: never reused as the staged block
     target = streamer.slabs[slot]

@@ -140,12 +140,7 @@ class Streamer:
         Called when a block is acquired and when a resident block starts, so the first copies of a forward
         overlap the resident blocks that run before the offloaded ones instead of waiting for them.
         """
-        due, block = [], self.last
-        for _ in range(self.ring):
-            block = self.next.get(block) if block is not None else None
-            if block is None or block is self.last or block in due:
-                break
-            due.append(block)
+        due = self._due()
         for count, block in enumerate(due, 1):
             if block in self.owner or block.experts is not None:
                 continue  # a routed experts block is staged only once its router has chosen
@@ -154,6 +149,25 @@ class Streamer:
             if not idle:
                 return
             self._stage(block, idle[0])
+
+    def _due(self) -> list[Block]:
+        """The blocks that run after the last one, in the learned order, as many as there are slabs."""
+        due, block = [], self.last
+        for _ in range(self.ring):
+            block = self.next.get(block) if block is not None else None
+            if block is None or block is self.last or block in due:
+                break
+            due.append(block)
+        return due
+
+    def routed_slot(self) -> int:
+        """The slab a routed experts selection is staged into: one nobody reads, preferably one holding no block
+        due next, so that a block prefetched while the router ran (the next layer's attention) stays staged."""
+        order = [(self.current + k) % self.ring for k in range(1, self.ring + 1)]
+        idle = [i for i in order if not self.busy[i]]
+        due = self._due()
+        spare = [i for i in idle if self.owner[i] not in due]
+        return (spare or idle or order)[0]
 
     def _stage(self, block: Block, slot: int) -> None:
         self._wait_pending(slot)
