@@ -296,3 +296,23 @@ def test_cli_gives_one_line_and_exit_2(tmp_path, kind):
     assert len(lines) == 1 and lines[0].startswith("shardkit: error: ") and str(path) in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_zip_directory_pointing_past_any_seekable_offset(tmp_path):
+    """A zip64 directory entry whose local-header offset is beyond what seek() takes: the zip's error, not a crash."""
+    saved = save_bin({"w": torch.ones(4)}, tmp_path / "good.bin")
+    good = rewrite_zip(saved, tmp_path / "plain.bin").read_bytes()  # a plain zip: one directory, no zip64 records
+    first, last, end = good.find(b"PK\x01\x02"), good.rfind(b"PK\x01\x02"), good.rfind(b"PK\x05\x06")
+    entry = bytearray(good[last:end])
+    name_len, extra_len = struct.unpack("<HH", entry[28:32])
+    zip64 = struct.pack("<HHQ", 1, 8, 2**63 + 7)  # the header offset, read because the 32-bit field says 0xFFFFFFFF
+    entry[30:32] = struct.pack("<H", extra_len + len(zip64))
+    entry[42:46] = b"\xff\xff\xff\xff"
+    entry[46 + name_len + extra_len : 46 + name_len + extra_len] = zip64
+    tail = bytearray(good[end:])
+    tail[12:16] = struct.pack("<I", end - first + len(zip64))  # the directory's size
+    bad = tmp_path / "pytorch_model.bin"
+    bad.write_bytes(good[:last] + bytes(entry) + bytes(tail))
+    with pytest.raises(CheckpointError, match="no local header at offset 9223372036854775815") as info:
+        open_checkpoint(bad)
+    assert info.value.code == "zip-corrupt"

@@ -58,8 +58,10 @@ def zip_records(path: str, handle: BinaryIO, size: int | None = None) -> dict[st
                 f"zip member {info.filename!r} is compressed; torch checkpoints store records uncompressed",
                 code="zip-compressed",
             )
-        handle.seek(info.header_offset)
-        local = handle.read(30)
+        local = b""
+        if 0 <= info.header_offset <= file_size - 30:  # a lying directory may point anywhere, even past seek()'s range
+            handle.seek(info.header_offset)
+            local = handle.read(30)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
             raise CheckpointError(
                 path, f"zip member {info.filename!r} has no local header at offset {info.header_offset}", code="zip-corrupt"
