@@ -47,7 +47,9 @@ def empty():
 
 
 def logits(model):
-    x = torch.randint(1, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    x = torch.randint(
+        1, 512, (2, 16), generator=torch.Generator().manual_seed(3)
+    ).cuda()  # a model all on GPU 0 has no hook to move it
     with torch.no_grad():
         return model(input_ids=x).logits.cpu()
 
@@ -104,7 +106,7 @@ print(json.dumps({"initialized": torch.cuda.is_initialized()}))
 @pytest.mark.parametrize("mode", ["cpu", "disk"])
 def test_a_map_without_gpus_never_initialises_cuda(saved, tmp_path, mode):
     """On a GPU machine, a CPU or disk map creates no CUDA context (it cost ~100 MB of host memory per load)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(saved), mode, str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT
     )

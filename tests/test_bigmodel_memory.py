@@ -84,7 +84,7 @@ def checkpoint(tmp_path_factory):
 
 
 def measure(folder, mode, tmp_path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(folder), mode, str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT
     )

@@ -417,9 +417,17 @@ class Hook:
         """accelerate's name: detach and put the block's weights back on the CPU (a disk block is read back).
 
         accelerate's ``remove_hook_from_module`` calls it and then deletes ``_hf_hook`` itself."""
+        offloaded = self.offload
         for attr in ("forward", "_old_forward", "_shardkit_hook"):
             self.module.__dict__.pop(attr, None)
         self.restore()
+        if offloaded and self.device is not None and self.device.type != "cpu":
+            # buffers an offloaded block keeps on its execution device go back with its weights, as accelerate
+            # puts every tensor back where it was: a model left half on the GPU would not run
+            for sub in self.module.modules():
+                for key, buffer in sub._buffers.items():
+                    if buffer is not None and buffer.device.type not in ("cpu", "meta"):
+                        sub._buffers[key] = buffer.cpu()
         return module
 
     def restore(self, loaded: dict | None = None) -> None:
