@@ -9,7 +9,8 @@ peak host RSS is its own), every case with the experts of all layers offloaded a
 - ``routed`` / ``routed-cache``: shardkit copying only the chosen experts, without and with an expert cache of half
   the experts' bytes;
 - ``accelerate``: accelerate's ``load_checkpoint_and_dispatch`` with the same map;
-- ``disk-dense`` / ``disk-routed``: experts on the disk tier, the checkpoint's pages evicted before the run.
+- ``disk-dense`` / ``disk-routed``: experts on the disk tier, the checkpoint's pages evicted before every timed
+  step (outside the timed span), so each step reads cold pages.
 
 Each case measures greedy decode (batch 1, a 32-token prompt, after a short warm-up generation: the median time of
 a decode step, timed at every step) and the time of one 1x512-token prefill, and records the generated tokens:
@@ -36,7 +37,7 @@ HIDDEN, EXPERTS, TOP_K, EXPERT_INTERMEDIATE, VOCAB = 2048, 128, 8, 768, 32000
 PROMPT, PREFILL = 32, 512
 CASES = ["gpu", "dense", "routed", "routed-cache", "accelerate", "disk-dense", "disk-routed"]
 #: Fewer new tokens where each one costs the whole experts' bytes (seconds per token).
-SLOW_TOKENS = {"accelerate": 4, "dense": 8, "disk-dense": 4}
+SLOW_TOKENS = {"accelerate": 4, "dense": 8, "disk-dense": 3}
 
 
 def config(layers: int):
@@ -110,16 +111,25 @@ def _load(args, case: str):
 
 
 class _StepClock:
-    """A stopping criterion that never stops: it timestamps every generation step (after a device sync)."""
+    """A stopping criterion that never stops: it times every generation step (after a device sync).
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
+    With ``evict`` (a checkpoint folder) it evicts the folder's pages after each step, outside the timed span, so
+    every step of a disk-tier case reads cold pages: else the first step would warm the page cache for the rest.
+    """
+
+    def __init__(self, start: float, evict: Path | None = None) -> None:
+        self.evict = evict
+        self.resumed = start
+        self.steps: list[float] = []
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+        self.steps.append(time.perf_counter() - self.resumed)
+        if self.evict is not None:
+            drop_page_cache(self.evict)
+        self.resumed = time.perf_counter()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -134,15 +144,17 @@ def worker_case(args) -> dict:
     new = SLOW_TOKENS.get(case, args.new_tokens)
     with torch.inference_mode():
         model.generate(prompt[:, :4], max_new_tokens=2, do_sample=False)  # warm-up: kernels, allocator, slabs
-        if case.startswith("disk"):
-            drop_page_cache(args.checkpoint)  # decode from cold pages
-        clock = _StepClock()
+        cold = args.checkpoint if case.startswith("disk") else None  # disk cases: every step from cold pages
+        if cold:
+            drop_page_cache(cold)
         torch.cuda.synchronize()
-        start = time.perf_counter()
+        clock = _StepClock(time.perf_counter(), cold)
         tokens = model.generate(prompt, max_new_tokens=new, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
-        steps = [b - a for a, b in zip([start, *clock.times], clock.times)]  # steps[0] is the prompt's prefill
+        steps = clock.steps  # steps[0] is the prompt's prefill
         prefill = []
         for _ in range(2 if case not in SLOW_TOKENS else 1):
+            if cold:
+                drop_page_cache(cold)
             torch.cuda.synchronize()
             begin = time.perf_counter()
             model(long)
