@@ -196,20 +196,25 @@ def test_module_without_the_interface_is_dense_with_one_info_line(caplog):
     assert "transformers 5 experts interface" in caplog.text and "layers.0.experts" in caplog.text
 
 
-def test_cpu_tier_copies_only_chosen_slices_into_a_compact_slab():
-    """The host-to-device path (CPU tier) on a CPU 'device': compact tensors are exactly the chosen slices."""
-    config, cls, mlp = qwen3_moe()
-    torch.manual_seed(0)
-    module = getattr(cls(config).model.layers[0], mlp).experts
+def cpu_tier_experts_block(name: str, module) -> tuple[Block, dict]:
+    """``module`` (an experts module) as a CPU-tier block with routed fetch, and copies of its weights by name."""
     specs = [(n, p.dtype, tuple(p.shape)) for n, p in module.named_parameters()]
     slots, nbytes = experts_mod.slab.layout(specs)
-    block = Block("experts", module, torch.device("cpu"), "cpu", slots=slots, nbytes=nbytes)
+    block = Block(name, module, torch.device("cpu"), "cpu", slots=slots, nbytes=nbytes)
     block.places = [(module, n, True, n) for n, _ in module.named_parameters()]
     block.host = torch.empty(nbytes, dtype=torch.uint8)
     originals = {n: p.detach().clone() for n, p in module.named_parameters()}
     for n, p in originals.items():
         experts_mod.slab.view(block.host, slots[n]).copy_(p)
     block.experts = layout_for(block)
+    return block, originals
+
+
+def test_cpu_tier_copies_only_chosen_slices_into_a_compact_slab():
+    """The host-to-device path (CPU tier) on a CPU 'device': compact tensors are exactly the chosen slices."""
+    config, cls, mlp = qwen3_moe()
+    torch.manual_seed(0)
+    block, originals = cpu_tier_experts_block("experts", getattr(cls(config).model.layers[0], mlp).experts)
     streamer = Streamer(torch.device("cpu"), [block])
     streamer.expert_cache = ExpertCache(torch.device("cpu"), 2 * block.experts.expert_bytes, block.experts.expert_bytes)
     for chosen in ([1, 2, 6], [2, 6, 7], [0]):
@@ -399,16 +404,8 @@ def test_routed_selection_does_not_overwrite_the_prefetched_next_block():
     for i, layer in enumerate(model.model.layers):
         attention = Block(f"attn{i}", None, torch.device("cpu"), "cpu", nbytes=4096)
         attention.host = torch.full((4096,), i + 1, dtype=torch.uint8)
-        module = getattr(layer, mlp).experts
-        specs = [(n, p.dtype, tuple(p.shape)) for n, p in module.named_parameters()]
-        slots, nbytes = experts_mod.slab.layout(specs)
-        block = Block(f"experts{i}", module, torch.device("cpu"), "cpu", slots=slots, nbytes=nbytes)
-        block.places = [(module, n, True, n) for n, _ in module.named_parameters()]
-        block.host = torch.empty(nbytes, dtype=torch.uint8)
-        for n, p in module.named_parameters():
-            originals[block.name, n] = p.detach().clone()
-            experts_mod.slab.view(block.host, slots[n]).copy_(p)
-        block.experts = layout_for(block)
+        block, weights = cpu_tier_experts_block(f"experts{i}", getattr(layer, mlp).experts)
+        originals.update({(block.name, n): w for n, w in weights.items()})
         blocks += [attention, block]
 
     staged = []
